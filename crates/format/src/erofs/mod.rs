@@ -1,0 +1,8 @@
+//! The EROFS filesystem image: on-disk structures, a writer and a reader.
+
+pub mod ondisk;
+pub mod reader;
+pub mod writer;
+
+pub use reader::{DirEntry, Erofs, Inode, ReadError};
+pub use writer::{write_image, ImageOptions, WriteError, WrittenImage};
