@@ -169,6 +169,12 @@ impl<R: ReadAt> Erofs<R> {
             return Err(ReadError::Unsupported("long xattr prefixes or large directory blocks".into()));
         }
         let bs = 1u64 << sb.blkszbits;
+        if u64::from(sb.blocks) * bs > size {
+            return Err(ReadError::BadSuperblock(format!(
+                "image is truncated: {size} bytes, superblock says {} blocks",
+                sb.blocks
+            )));
+        }
         let mut devices = Vec::with_capacity(usize::from(sb.extra_devices));
         let devt = u64::from(sb.devt_slotoff) * DEVICE_SLOT_SIZE as u64;
         for i in 0..u64::from(sb.extra_devices) {
