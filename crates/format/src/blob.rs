@@ -192,7 +192,9 @@ impl ChunkTable {
 
     /// Index of the chunk that starts at block `blkaddr`, if any.
     pub fn find(&self, blkaddr: u32) -> Option<usize> {
-        self.records.binary_search_by_key(&blkaddr, |r| r.blkaddr).ok()
+        self.records
+            .binary_search_by_key(&blkaddr, |r| r.blkaddr)
+            .ok()
     }
 
     /// Indexes of all chunks that share the frame of chunk `index`.
@@ -225,7 +227,11 @@ impl ChunkTable {
     /// Decodes and validates a raw table against the blob it belongs to:
     /// records sorted and disjoint in the address space, inside it, with
     /// frames inside the data area and consistent across their members.
-    pub fn decode(raw: &[u8], algo: DigestAlgo, geometry: &BlobGeometry) -> Result<Self, BlobError> {
+    pub fn decode(
+        raw: &[u8],
+        algo: DigestAlgo,
+        geometry: &BlobGeometry,
+    ) -> Result<Self, BlobError> {
         if !raw.len().is_multiple_of(CHUNK_RECORD_SIZE) {
             return Err(BlobError::BadField {
                 field: "table_size",
@@ -249,13 +255,21 @@ impl ChunkTable {
             let start = r.uncompressed_offset();
             let end = start + u64::from(r.size);
             if r.size == 0 || r.size > geometry.chunk_size {
-                return Err(bad(format!("size {} outside 1..={}", r.size, geometry.chunk_size)));
+                return Err(bad(format!(
+                    "size {} outside 1..={}",
+                    r.size, geometry.chunk_size
+                )));
             }
             if start < prev_end {
-                return Err(bad(format!("starts at {start}, overlapping the previous chunk ending at {prev_end}")));
+                return Err(bad(format!(
+                    "starts at {start}, overlapping the previous chunk ending at {prev_end}"
+                )));
             }
             if end > geometry.uncompressed_size {
-                return Err(bad(format!("ends at {end}, past the address space of {} bytes", geometry.uncompressed_size)));
+                return Err(bad(format!(
+                    "ends at {end}, past the address space of {} bytes",
+                    geometry.uncompressed_size
+                )));
             }
             if r.frame_offset > r.frame_size
                 || r.size > r.frame_size - r.frame_offset
@@ -268,7 +282,9 @@ impl ChunkTable {
                 )));
             }
             if r.compression == Compression::None && r.compressed_size != r.frame_size {
-                return Err(bad("raw frame whose stored and decompressed sizes differ".into()));
+                return Err(bad(
+                    "raw frame whose stored and decompressed sizes differ".into()
+                ));
             }
             if r.compressed_range().end > geometry.data_end {
                 return Err(bad(format!(
@@ -370,13 +386,19 @@ impl BlobTrailer {
         }
         let bad = |field: &'static str, detail: String| BlobError::BadField { field, detail };
         if f.u32(8) != BLOB_VERSION {
-            return Err(bad("version", format!("{} (this Darter reads version {BLOB_VERSION})", f.u32(8))));
+            return Err(bad(
+                "version",
+                format!("{} (this Darter reads version {BLOB_VERSION})", f.u32(8)),
+            ));
         }
         let algo = DigestAlgo::from_code(f.u8(57))
             .ok_or_else(|| bad("digest_algo", format!("unknown code {}", f.u8(57))))?;
         let checksum = algo.digest(&raw[..TRAILER_CHECKSUM_AT]);
         if checksum.bytes()[..] != raw[TRAILER_CHECKSUM_AT..] {
-            return Err(bad("checksum", "trailer checksum mismatch (the trailer is corrupt)".into()));
+            return Err(bad(
+                "checksum",
+                "trailer checksum mismatch (the trailer is corrupt)".into(),
+            ));
         }
         if f.u32(12) != 0 || !f.is_zero(60..64) {
             return Err(bad("reserved", "reserved bytes are not zero".into()));
@@ -384,7 +406,10 @@ impl BlobTrailer {
         let table_compression = Compression::from_code(f.u8(56))
             .ok_or_else(|| bad("table_compression", format!("unknown code {}", f.u8(56))))?;
         if f.u8(58) != BLOCK_BITS {
-            return Err(bad("block_bits", format!("{} (expected {BLOCK_BITS})", f.u8(58))));
+            return Err(bad(
+                "block_bits",
+                format!("{} (expected {BLOCK_BITS})", f.u8(58)),
+            ));
         }
         let chunk_size_bits = f.u8(59);
         if !(MIN_CHUNK_SIZE.trailing_zeros()..=MAX_CHUNK_SIZE.trailing_zeros())
@@ -422,10 +447,16 @@ impl BlobTrailer {
             ));
         }
         if !self.uncompressed_size.is_multiple_of(u64::from(BLOCK_SIZE)) {
-            return Err(bad("uncompressed_size", format!("{} is not block aligned", self.uncompressed_size)));
+            return Err(bad(
+                "uncompressed_size",
+                format!("{} is not block aligned", self.uncompressed_size),
+            ));
         }
         if self.uncompressed_size >> BLOCK_BITS > u64::from(u32::MAX) {
-            return Err(bad("uncompressed_size", format!("{} exceeds 2^32 blocks", self.uncompressed_size)));
+            return Err(bad(
+                "uncompressed_size",
+                format!("{} exceeds 2^32 blocks", self.uncompressed_size),
+            ));
         }
         let records = self.chunk_count.checked_mul(CHUNK_RECORD_SIZE as u64);
         if records != Some(self.table_size) || self.table_size > MAX_TABLE_SIZE {
@@ -434,8 +465,12 @@ impl BlobTrailer {
                 format!("{} for {} chunks", self.table_size, self.chunk_count),
             ));
         }
-        if self.table_compression == Compression::None && self.table_stored_size != self.table_size {
-            return Err(bad("table_stored_size", "raw table with a different stored size".into()));
+        if self.table_compression == Compression::None && self.table_stored_size != self.table_size
+        {
+            return Err(bad(
+                "table_stored_size",
+                "raw table with a different stored size".into(),
+            ));
         }
         Ok(())
     }
@@ -527,7 +562,11 @@ impl FramePacker {
             field: "chunk size",
             detail: format!("{} bytes", data.len()),
         })?;
-        let chunk = PlacedChunk { blkaddr, size, digest };
+        let chunk = PlacedChunk {
+            blkaddr,
+            size,
+            digest,
+        };
         let fits_pending = self.pending.as_ref().is_some_and(|frame| {
             start - frame.start + data.len() as u64 <= u64::from(self.frame_size)
         });
@@ -715,8 +754,10 @@ mod tests {
         // Every chunk decompresses back to its input through its frame.
         for (i, data) in chunks.iter().enumerate() {
             let r = &recs[i];
-            let stored = &blob[r.compressed_range().start as usize..r.compressed_range().end as usize];
-            let frame = crate::compress::decompress(r.compression, stored, r.frame_size as usize).unwrap();
+            let stored =
+                &blob[r.compressed_range().start as usize..r.compressed_range().end as usize];
+            let frame =
+                crate::compress::decompress(r.compression, stored, r.frame_size as usize).unwrap();
             assert_eq!(&frame[r.range_in_frame()], &data[..]);
             assert!(table.digest(i).matches(data));
             assert_eq!(table.find(r.blkaddr), Some(i));
@@ -737,7 +778,11 @@ mod tests {
                 let start = t.table_offset as usize;
                 let end = start + t.table_stored_size as usize;
                 if end > bad.len() {
-                    return Err(BlobError::Truncated { what: "table", needed: end as u64, len: size });
+                    return Err(BlobError::Truncated {
+                        what: "table",
+                        needed: end as u64,
+                        len: size,
+                    });
                 }
                 t.decode_table(&bad[start..end])
             });

@@ -3,14 +3,14 @@
 //! table: for every blob (EROFS extra device) its OCI digest, sizes, and the
 //! digest of its chunk table.
 
-use crate::blob::{BlobSummary, BlobTrailer, BLOB_TRAILER_SIZE, BLOCK_BITS, BLOCK_SIZE};
+use crate::ReadAt;
+use crate::blob::{BLOB_TRAILER_SIZE, BLOCK_BITS, BLOCK_SIZE, BlobSummary, BlobTrailer};
 use crate::compress::Compression;
 use crate::digest::{Digest, DigestAlgo};
 use crate::erofs::ondisk::DeviceSlot;
 use crate::erofs::{self, Erofs, ReadError, WriteError};
 use crate::le::{Fields, FieldsMut};
 use crate::tree::Tree;
-use crate::ReadAt;
 
 /// ON-DISK: bootstrap header magic at offset 0.
 pub const BOOTSTRAP_MAGIC: [u8; 8] = *b"DARTERBS";
@@ -76,7 +76,10 @@ impl BlobEntry {
     /// Decodes the chunk table from the bytes of [`Self::tail_range`],
     /// checking that the trailer is the one the bootstrap recorded and the
     /// table matches its digest.
-    pub fn decode_tail(&self, tail: &[u8]) -> Result<crate::blob::ChunkTable, crate::blob::BlobError> {
+    pub fn decode_tail(
+        &self,
+        tail: &[u8],
+    ) -> Result<crate::blob::ChunkTable, crate::blob::BlobError> {
         let want = (self.blob_size - self.trailer.table_offset) as usize;
         if tail.len() != want {
             return Err(crate::blob::BlobError::Truncated {
@@ -116,7 +119,8 @@ impl BlobEntry {
         let bad = |detail: String| BootstrapError::BadBlobEntry { index, detail };
         let table_compression = Compression::from_code(f.u8(80))
             .ok_or_else(|| bad(format!("unknown table compression {}", f.u8(80))))?;
-        let algo = DigestAlgo::from_code(f.u8(81)).ok_or_else(|| bad(format!("unknown digest algorithm {}", f.u8(81))))?;
+        let algo = DigestAlgo::from_code(f.u8(81))
+            .ok_or_else(|| bad(format!("unknown digest algorithm {}", f.u8(81))))?;
         if !f.is_zero(83..88) || !f.is_zero(120..128) {
             return Err(bad("reserved bytes are not zero".into()));
         }
@@ -135,7 +139,8 @@ impl BlobEntry {
             },
         };
         // Round-trip through the trailer codec to apply all of its checks.
-        BlobTrailer::decode(&entry.trailer.encode(), entry.blob_size).map_err(|e| bad(e.to_string()))?;
+        BlobTrailer::decode(&entry.trailer.encode(), entry.blob_size)
+            .map_err(|e| bad(e.to_string()))?;
         Ok(entry)
     }
 
@@ -162,7 +167,11 @@ pub struct BootstrapInfo {
 }
 
 /// Writes a bootstrap for `tree`, whose chunk indexes refer to `info.blobs`.
-pub fn write_bootstrap(tree: &Tree, info: &BootstrapInfo, build_time: u64) -> Result<Vec<u8>, WriteError> {
+pub fn write_bootstrap(
+    tree: &Tree,
+    info: &BootstrapInfo,
+    build_time: u64,
+) -> Result<Vec<u8>, WriteError> {
     let mut extra = vec![0u8; EXT_HEADER_SIZE + BLOB_ENTRY_SIZE * info.blobs.len()];
     {
         let mut f = FieldsMut(&mut extra);
@@ -208,35 +217,55 @@ impl<R: ReadAt> Bootstrap<R> {
             return Err(bad(format!("{size} bytes is too short for a bootstrap")));
         }
         r.read_exact_at(&mut header, 0)
-            .map_err(|source| ReadError::Io { offset: 0, len: HEADER_SIZE, source })?;
+            .map_err(|source| ReadError::Io {
+                offset: 0,
+                len: HEADER_SIZE,
+                source,
+            })?;
         let f = Fields(&header);
         if f.array::<8>(0) != BOOTSTRAP_MAGIC {
             return Err(bad("wrong magic: not a Darter bootstrap".into()));
         }
         if f.u32(8) != BOOTSTRAP_VERSION {
-            return Err(bad(format!("version {} (this Darter reads {BOOTSTRAP_VERSION})", f.u32(8))));
+            return Err(bad(format!(
+                "version {} (this Darter reads {BOOTSTRAP_VERSION})",
+                f.u32(8)
+            )));
         }
         if f.u32(12) != 0 || !f.is_zero(34..HEADER_SIZE) {
             return Err(bad("reserved header bytes are not zero".into()));
         }
-        let digest_algo = DigestAlgo::from_code(f.u8(32)).ok_or_else(|| bad(format!("digest algorithm {}", f.u8(32))))?;
+        let digest_algo = DigestAlgo::from_code(f.u8(32))
+            .ok_or_else(|| bad(format!("digest algorithm {}", f.u8(32))))?;
         let chunk_size_bits = f.u8(33);
         if !(12..=24).contains(&chunk_size_bits) {
             return Err(bad(format!("chunk size bits {chunk_size_bits}")));
         }
         let (ext_offset, ext_size) = (f.u64(16), f.u64(24));
-        let ext_fits = ext_offset.checked_add(ext_size).is_some_and(|end| end <= size)
+        let ext_fits = ext_offset
+            .checked_add(ext_size)
+            .is_some_and(|end| end <= size)
             && ext_size >= EXT_HEADER_SIZE as u64
             && ext_offset % u64::from(BLOCK_SIZE) == 0;
         if !ext_fits {
-            return Err(bad(format!("blob table at {ext_offset} of {ext_size} bytes does not fit")));
+            return Err(bad(format!(
+                "blob table at {ext_offset} of {ext_size} bytes does not fit"
+            )));
         }
         let mut ext = vec![0u8; ext_size as usize];
         r.read_exact_at(&mut ext, ext_offset)
-            .map_err(|source| ReadError::Io { offset: ext_offset, len: ext.len(), source })?;
+            .map_err(|source| ReadError::Io {
+                offset: ext_offset,
+                len: ext.len(),
+                source,
+            })?;
         let blobs = decode_blob_table(&ext, chunk_size_bits)?;
         let erofs = Erofs::open(r)?;
-        let info = BootstrapInfo { digest_algo, chunk_size_bits, blobs };
+        let info = BootstrapInfo {
+            digest_algo,
+            chunk_size_bits,
+            blobs,
+        };
         check_devices(&erofs, &info)?;
         Ok(Bootstrap { erofs, info })
     }
@@ -264,8 +293,15 @@ fn decode_blob_table(ext: &[u8], chunk_size_bits: u8) -> Result<Vec<BlobEntry>, 
     if entry_size != BLOB_ENTRY_SIZE || !f.is_zero(8..16) {
         return Err(bad(format!("blob table entry size {entry_size}")));
     }
-    if count.checked_mul(BLOB_ENTRY_SIZE).map(|n| n + EXT_HEADER_SIZE) != Some(ext.len()) {
-        return Err(bad(format!("blob table of {} bytes cannot hold {count} entries", ext.len())));
+    if count
+        .checked_mul(BLOB_ENTRY_SIZE)
+        .map(|n| n + EXT_HEADER_SIZE)
+        != Some(ext.len())
+    {
+        return Err(bad(format!(
+            "blob table of {} bytes cannot hold {count} entries",
+            ext.len()
+        )));
     }
     (0..count)
         .map(|i| {
@@ -274,7 +310,10 @@ fn decode_blob_table(ext: &[u8], chunk_size_bits: u8) -> Result<Vec<BlobEntry>, 
             if entry.trailer.chunk_size_bits != chunk_size_bits {
                 return Err(BootstrapError::BadBlobEntry {
                     index: i,
-                    detail: format!("chunk size bits {} differ from the image's {chunk_size_bits}", entry.trailer.chunk_size_bits),
+                    detail: format!(
+                        "chunk size bits {} differ from the image's {chunk_size_bits}",
+                        entry.trailer.chunk_size_bits
+                    ),
                 });
             }
             Ok(entry)

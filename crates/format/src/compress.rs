@@ -99,7 +99,9 @@ pub struct Compressor {
 
 impl fmt::Debug for Compressor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Compressor").field("kind", &self.kind).finish()
+        f.debug_struct("Compressor")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 

@@ -1,9 +1,9 @@
 //! Round trip: a tree written as a bootstrap reads back identically.
 
-use darter_format::blob::{BlobWriter, FramePacker, BLOCK_BITS, DEFAULT_CHUNK_SIZE};
-use darter_format::bootstrap::{write_bootstrap, BlobEntry, Bootstrap, BootstrapInfo};
+use darter_format::blob::{BLOCK_BITS, BlobWriter, DEFAULT_CHUNK_SIZE, FramePacker};
+use darter_format::bootstrap::{BlobEntry, Bootstrap, BootstrapInfo, write_bootstrap};
 use darter_format::compress::{Compression, Compressor};
-use darter_format::erofs::ondisk::{file_type, ChunkIndex};
+use darter_format::erofs::ondisk::{ChunkIndex, file_type};
 use darter_format::erofs::{Erofs, Inode};
 use darter_format::tree::{Entry, FileData, Meta, Node, NodeKind, Tree};
 use darter_format::{DigestAlgo, ReadAt};
@@ -11,11 +11,21 @@ use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
 fn meta(perm: u16) -> Meta {
-    Meta { perm, uid: 1000, gid: 100, mtime: 1_700_000_000, mtime_nsec: 5, xattrs: vec![] }
+    Meta {
+        perm,
+        uid: 1000,
+        gid: 100,
+        mtime: 1_700_000_000,
+        mtime_nsec: 5,
+        xattrs: vec![],
+    }
 }
 
 fn node(kind: NodeKind, perm: u16) -> Node {
-    Node { meta: meta(perm), kind }
+    Node {
+        meta: meta(perm),
+        kind,
+    }
 }
 
 /// Reads the tree back from an image into the same shape as the input,
@@ -57,7 +67,10 @@ fn read_node<R: ReadAt>(
                 }
                 let child = img.inode(e.nid).unwrap();
                 let child_id = read_node(img, &child, tree, by_nid);
-                entries.push(Entry { name: e.name, node: child_id });
+                entries.push(Entry {
+                    name: e.name,
+                    node: child_id,
+                });
             }
             NodeKind::Dir(entries)
         }
@@ -66,7 +79,10 @@ fn read_node<R: ReadAt>(
                 .map(|i| img.chunk_index(inode, i).unwrap())
                 .collect::<Vec<_>>();
             let chunks = if inode.size == 0 { vec![] } else { chunks };
-            NodeKind::File(FileData { size: inode.size, chunks })
+            NodeKind::File(FileData {
+                size: inode.size,
+                chunks,
+            })
         }
         0o120000 => NodeKind::Symlink(img.symlink_target(inode).unwrap()),
         0o020000 => NodeKind::CharDev(inode.rdev().0, inode.rdev().1),
@@ -115,7 +131,14 @@ fn flatten(tree: &Tree) -> BTreeMap<Vec<u8>, FlatNode> {
             }
             other => format!("{other:?}"),
         };
-        out.insert(path, FlatNode { meta, kind, link_group: group });
+        out.insert(
+            path,
+            FlatNode {
+                meta,
+                kind,
+                link_group: group,
+            },
+        );
     }
     out
 }
@@ -131,12 +154,24 @@ fn assert_same_tree(actual: &Tree, expected: &Tree) {
 }
 
 fn sample_tree() -> Tree {
-    let chunk = |blk| ChunkIndex { device_id: 1, blkaddr: blk };
-    let big_dir: Vec<Entry> =
-        (0..2000).map(|i| Entry { name: format!("f{i:06}").into_bytes(), node: 2 }).collect();
+    let chunk = |blk| ChunkIndex {
+        device_id: 1,
+        blkaddr: blk,
+    };
+    let big_dir: Vec<Entry> = (0..2000)
+        .map(|i| Entry {
+            name: format!("f{i:06}").into_bytes(),
+            node: 2,
+        })
+        .collect();
     let mut xmeta = meta(0o4755);
     xmeta.xattrs = vec![
-        (b"security.capability".to_vec(), vec![1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        (
+            b"security.capability".to_vec(),
+            vec![
+                1, 0, 0, 2, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+        ),
         (b"user.empty".to_vec(), vec![]),
         (b"user.k".to_vec(), b"v".to_vec()),
     ];
@@ -144,21 +179,57 @@ fn sample_tree() -> Tree {
         nodes: vec![
             node(
                 NodeKind::Dir(vec![
-                    Entry { name: b"dir".to_vec(), node: 1 },
-                    Entry { name: b"file".to_vec(), node: 2 },
-                    Entry { name: b"link".to_vec(), node: 3 },
-                    Entry { name: b"hard".to_vec(), node: 2 },
-                    Entry { name: b"\xff\nodd name".to_vec(), node: 4 },
-                    Entry { name: b"sparse".to_vec(), node: 5 },
-                    Entry { name: b"null".to_vec(), node: 6 },
-                    Entry { name: b"long-link".to_vec(), node: 7 },
-                    Entry { name: vec![b'x'; 255], node: 8 },
-                    Entry { name: b"-dash".to_vec(), node: 9 },
+                    Entry {
+                        name: b"dir".to_vec(),
+                        node: 1,
+                    },
+                    Entry {
+                        name: b"file".to_vec(),
+                        node: 2,
+                    },
+                    Entry {
+                        name: b"link".to_vec(),
+                        node: 3,
+                    },
+                    Entry {
+                        name: b"hard".to_vec(),
+                        node: 2,
+                    },
+                    Entry {
+                        name: b"\xff\nodd name".to_vec(),
+                        node: 4,
+                    },
+                    Entry {
+                        name: b"sparse".to_vec(),
+                        node: 5,
+                    },
+                    Entry {
+                        name: b"null".to_vec(),
+                        node: 6,
+                    },
+                    Entry {
+                        name: b"long-link".to_vec(),
+                        node: 7,
+                    },
+                    Entry {
+                        name: vec![b'x'; 255],
+                        node: 8,
+                    },
+                    Entry {
+                        name: b"-dash".to_vec(),
+                        node: 9,
+                    },
                 ]),
                 0o755,
             ),
             node(NodeKind::Dir(big_dir), 0o1777),
-            Node { meta: xmeta, kind: NodeKind::File(FileData { size: 5000, chunks: vec![chunk(0)] }) },
+            Node {
+                meta: xmeta,
+                kind: NodeKind::File(FileData {
+                    size: 5000,
+                    chunks: vec![chunk(0)],
+                }),
+            },
             node(NodeKind::Symlink(b"../target".to_vec()), 0o777),
             node(NodeKind::Fifo, 0o600),
             node(
@@ -182,7 +253,12 @@ fn one_blob() -> (Vec<u8>, BlobEntry) {
     let mut c = Compressor::new(Compression::Zstd, 3).unwrap();
     let mut frames = Vec::new();
     for data in [vec![1u8; 5000], vec![2u8; 10], vec![3u8; 70_000]] {
-        frames.extend(packer.push(&data, *DigestAlgo::Blake3.digest(&data).bytes()).unwrap().1);
+        frames.extend(
+            packer
+                .push(&data, *DigestAlgo::Blake3.digest(&data).bytes())
+                .unwrap()
+                .1,
+        );
     }
     let (last, size) = packer.finish();
     frames.extend(last);
@@ -196,7 +272,11 @@ fn one_blob() -> (Vec<u8>, BlobEntry) {
 }
 
 fn info(blobs: Vec<BlobEntry>) -> BootstrapInfo {
-    BootstrapInfo { digest_algo: DigestAlgo::Blake3, chunk_size_bits: 20, blobs }
+    BootstrapInfo {
+        digest_algo: DigestAlgo::Blake3,
+        chunk_size_bits: 20,
+        blobs,
+    }
 }
 
 #[test]
@@ -216,7 +296,11 @@ fn sample_tree_round_trips() {
     let dir = bs.erofs().inode(dir.nid).unwrap();
     assert!(bs.erofs().dir_block_count(&dir) > 5);
     for i in (0..2000).step_by(97) {
-        let e = bs.erofs().lookup(&dir, format!("f{i:06}").as_bytes()).unwrap().unwrap();
+        let e = bs
+            .erofs()
+            .lookup(&dir, format!("f{i:06}").as_bytes())
+            .unwrap()
+            .unwrap();
         assert_eq!(e.file_type, file_type::REG);
     }
     assert!(bs.erofs().lookup(&dir, b"f999999").unwrap().is_none());
@@ -234,17 +318,135 @@ fn writing_is_deterministic() {
 #[test]
 fn invalid_trees_are_rejected() {
     let cases: Vec<(&str, Tree)> = vec![
-        ("slash in name", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a/b".to_vec(), node: 1 }]), 0), node(NodeKind::Fifo, 0)] }),
-        ("dot name", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"..".to_vec(), node: 1 }]), 0), node(NodeKind::Fifo, 0)] }),
-        ("duplicate", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a".to_vec(), node: 1 }, Entry { name: b"a".to_vec(), node: 1 }]), 0), node(NodeKind::Fifo, 0)] }),
-        ("dir hardlink", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a".to_vec(), node: 1 }, Entry { name: b"b".to_vec(), node: 1 }]), 0), node(NodeKind::Dir(vec![]), 0)] }),
-        ("root loop", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a".to_vec(), node: 0 }]), 0)] }),
-        ("missing node", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a".to_vec(), node: 9 }]), 0)] }),
-        ("chunk count", Tree { nodes: vec![node(NodeKind::Dir(vec![Entry { name: b"a".to_vec(), node: 1 }]), 0), node(NodeKind::File(FileData { size: 10, chunks: vec![] }), 0)] }),
-        ("root not dir", Tree { nodes: vec![node(NodeKind::Fifo, 0)] }),
+        (
+            "slash in name",
+            Tree {
+                nodes: vec![
+                    node(
+                        NodeKind::Dir(vec![Entry {
+                            name: b"a/b".to_vec(),
+                            node: 1,
+                        }]),
+                        0,
+                    ),
+                    node(NodeKind::Fifo, 0),
+                ],
+            },
+        ),
+        (
+            "dot name",
+            Tree {
+                nodes: vec![
+                    node(
+                        NodeKind::Dir(vec![Entry {
+                            name: b"..".to_vec(),
+                            node: 1,
+                        }]),
+                        0,
+                    ),
+                    node(NodeKind::Fifo, 0),
+                ],
+            },
+        ),
+        (
+            "duplicate",
+            Tree {
+                nodes: vec![
+                    node(
+                        NodeKind::Dir(vec![
+                            Entry {
+                                name: b"a".to_vec(),
+                                node: 1,
+                            },
+                            Entry {
+                                name: b"a".to_vec(),
+                                node: 1,
+                            },
+                        ]),
+                        0,
+                    ),
+                    node(NodeKind::Fifo, 0),
+                ],
+            },
+        ),
+        (
+            "dir hardlink",
+            Tree {
+                nodes: vec![
+                    node(
+                        NodeKind::Dir(vec![
+                            Entry {
+                                name: b"a".to_vec(),
+                                node: 1,
+                            },
+                            Entry {
+                                name: b"b".to_vec(),
+                                node: 1,
+                            },
+                        ]),
+                        0,
+                    ),
+                    node(NodeKind::Dir(vec![]), 0),
+                ],
+            },
+        ),
+        (
+            "root loop",
+            Tree {
+                nodes: vec![node(
+                    NodeKind::Dir(vec![Entry {
+                        name: b"a".to_vec(),
+                        node: 0,
+                    }]),
+                    0,
+                )],
+            },
+        ),
+        (
+            "missing node",
+            Tree {
+                nodes: vec![node(
+                    NodeKind::Dir(vec![Entry {
+                        name: b"a".to_vec(),
+                        node: 9,
+                    }]),
+                    0,
+                )],
+            },
+        ),
+        (
+            "chunk count",
+            Tree {
+                nodes: vec![
+                    node(
+                        NodeKind::Dir(vec![Entry {
+                            name: b"a".to_vec(),
+                            node: 1,
+                        }]),
+                        0,
+                    ),
+                    node(
+                        NodeKind::File(FileData {
+                            size: 10,
+                            chunks: vec![],
+                        }),
+                        0,
+                    ),
+                ],
+            },
+        ),
+        (
+            "root not dir",
+            Tree {
+                nodes: vec![node(NodeKind::Fifo, 0)],
+            },
+        ),
     ];
     for (what, tree) in cases {
-        assert!(write_bootstrap(&tree, &info(vec![]), 0).is_err(), "{what} was accepted");
+        assert!(
+            write_bootstrap(&tree, &info(vec![]), 0).is_err(),
+            "{what} was accepted"
+        );
     }
 }
 
@@ -265,7 +467,10 @@ fn corrupted_bootstraps_never_panic() {
         }
     }
     for len in [0, 10, 1024, 1100, bytes.len() / 2, bytes.len() - 1] {
-        assert!(Bootstrap::open(&bytes[..len]).is_err(), "truncated to {len} accepted");
+        assert!(
+            Bootstrap::open(&bytes[..len]).is_err(),
+            "truncated to {len} accepted"
+        );
     }
 }
 
@@ -277,23 +482,63 @@ fn arb_name() -> impl Strategy<Value = Vec<u8>> {
 fn arb_tree() -> impl Strategy<Value = Tree> {
     // A root with up to 3 subdirectories, files and symlinks with random
     // names, metadata and xattrs.
-    let leaf = (arb_name(), 0u16..0o7777, any::<u32>(), any::<u32>(), any::<u64>(), 0u32..1_000_000_000, 0u64..5_000_000, proptest::collection::vec((proptest::collection::vec(b'a'..=b'z', 1..10), proptest::collection::vec(any::<u8>(), 0..50)), 0..3));
+    let leaf = (
+        arb_name(),
+        0u16..0o7777,
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        0u32..1_000_000_000,
+        0u64..5_000_000,
+        proptest::collection::vec(
+            (
+                proptest::collection::vec(b'a'..=b'z', 1..10),
+                proptest::collection::vec(any::<u8>(), 0..50),
+            ),
+            0..3,
+        ),
+    );
     proptest::collection::vec((0usize..4, leaf), 0..60).prop_map(|leaves| {
         let mut nodes = vec![node(NodeKind::Dir(vec![]), 0o755)];
         for d in 0..3 {
             nodes.push(node(NodeKind::Dir(vec![]), 0o700));
             if let NodeKind::Dir(e) = &mut nodes[0].kind {
-                e.push(Entry { name: format!("d{d}").into_bytes(), node: d + 1 });
+                e.push(Entry {
+                    name: format!("d{d}").into_bytes(),
+                    node: d + 1,
+                });
             }
         }
         for (dir, (name, perm, uid, gid, mtime, nsec, size, xattrs)) in leaves {
             let id = nodes.len() as u32;
-            let chunks = (0..size.div_ceil(1 << 20)).map(|i| ChunkIndex { device_id: 1, blkaddr: i as u32 }).collect();
-            let kind = if size % 3 == 0 { NodeKind::Symlink(name.clone()) } else { NodeKind::File(FileData { size, chunks }) };
-            let mut xa: Vec<_> = xattrs.into_iter().map(|(k, v)| ([b"user.".to_vec(), k].concat(), v)).collect();
+            let chunks = (0..size.div_ceil(1 << 20))
+                .map(|i| ChunkIndex {
+                    device_id: 1,
+                    blkaddr: i as u32,
+                })
+                .collect();
+            let kind = if size % 3 == 0 {
+                NodeKind::Symlink(name.clone())
+            } else {
+                NodeKind::File(FileData { size, chunks })
+            };
+            let mut xa: Vec<_> = xattrs
+                .into_iter()
+                .map(|(k, v)| ([b"user.".to_vec(), k].concat(), v))
+                .collect();
             xa.sort();
             xa.dedup_by(|a, b| a.0 == b.0);
-            nodes.push(Node { meta: Meta { perm, uid, gid, mtime, mtime_nsec: nsec, xattrs: xa }, kind });
+            nodes.push(Node {
+                meta: Meta {
+                    perm,
+                    uid,
+                    gid,
+                    mtime,
+                    mtime_nsec: nsec,
+                    xattrs: xa,
+                },
+                kind,
+            });
             if let NodeKind::Dir(e) = &mut nodes[dir].kind {
                 if !e.iter().any(|x| x.name == name) {
                     e.push(Entry { name, node: id });

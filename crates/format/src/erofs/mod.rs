@@ -5,4 +5,4 @@ pub mod reader;
 pub mod writer;
 
 pub use reader::{DirEntry, Erofs, Inode, ReadError};
-pub use writer::{write_image, ImageOptions, WriteError, WrittenImage};
+pub use writer::{ImageOptions, WriteError, WrittenImage, write_image};

@@ -5,13 +5,13 @@
 use std::collections::HashSet;
 
 use super::ondisk::{
-    self, ChunkIndex, DataLayout, DeviceSlot, SuperBlock, CHUNK_FORMAT_BLKBITS_MASK,
-    CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, DEVICE_SLOT_SIZE, DIRENT_SIZE, INODE_COMPACT_SIZE,
-    INODE_EXTENDED_SIZE, ISLOT_BITS, SUPERBLOCK_SIZE, SUPER_OFFSET,
+    self, CHUNK_FORMAT_BLKBITS_MASK, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, ChunkIndex,
+    DEVICE_SLOT_SIZE, DIRENT_SIZE, DataLayout, DeviceSlot, INODE_COMPACT_SIZE, INODE_EXTENDED_SIZE,
+    ISLOT_BITS, SUPER_OFFSET, SUPERBLOCK_SIZE, SuperBlock,
 };
+use crate::ReadAt;
 use crate::le::Fields;
 use crate::tree::Xattr;
-use crate::ReadAt;
 
 /// Errors reading an EROFS image.
 #[derive(Debug, thiserror::Error)]
@@ -159,14 +159,21 @@ impl<R: ReadAt> Erofs<R> {
         let sb = SuperBlock::decode(&raw)
             .ok_or_else(|| ReadError::BadSuperblock("wrong magic: not an EROFS image".into()))?;
         if !(9..=16).contains(&sb.blkszbits) {
-            return Err(ReadError::BadSuperblock(format!("block size bits {}", sb.blkszbits)));
+            return Err(ReadError::BadSuperblock(format!(
+                "block size bits {}",
+                sb.blkszbits
+            )));
         }
         let unknown = sb.feature_incompat & !ondisk::SUPPORTED_INCOMPAT;
         if unknown != 0 {
-            return Err(ReadError::Unsupported(format!("incompatible feature bits {unknown:#x}")));
+            return Err(ReadError::Unsupported(format!(
+                "incompatible feature bits {unknown:#x}"
+            )));
         }
         if sb.xattr_prefix_count != 0 || sb.dirblkbits != 0 {
-            return Err(ReadError::Unsupported("long xattr prefixes or large directory blocks".into()));
+            return Err(ReadError::Unsupported(
+                "long xattr prefixes or large directory blocks".into(),
+            ));
         }
         let bs = 1u64 << sb.blkszbits;
         if u64::from(sb.blocks) * bs > size {
@@ -179,10 +186,22 @@ impl<R: ReadAt> Erofs<R> {
         let devt = u64::from(sb.devt_slotoff) * DEVICE_SLOT_SIZE as u64;
         for i in 0..u64::from(sb.extra_devices) {
             let mut slot = [0u8; DEVICE_SLOT_SIZE];
-            read_at(&r, size, "device slot", &mut slot, devt + i * DEVICE_SLOT_SIZE as u64)?;
+            read_at(
+                &r,
+                size,
+                "device slot",
+                &mut slot,
+                devt + i * DEVICE_SLOT_SIZE as u64,
+            )?;
             devices.push(DeviceSlot::decode(&slot));
         }
-        let image = Erofs { r, sb, devices, size, bs };
+        let image = Erofs {
+            r,
+            sb,
+            devices,
+            size,
+            bs,
+        };
         image.inode(image.root_nid())?;
         Ok(image)
     }
@@ -223,7 +242,9 @@ impl<R: ReadAt> Erofs<R> {
     /// Reads and validates inode `nid`.
     pub fn inode(&self, nid: u64) -> Result<Inode, ReadError> {
         let bad = |detail: String| ReadError::BadInode { nid, detail };
-        let pos = self.iloc(nid).ok_or_else(|| bad("nid out of range".into()))?;
+        let pos = self
+            .iloc(nid)
+            .ok_or_else(|| bad("nid out of range".into()))?;
         let mut raw = [0u8; INODE_EXTENDED_SIZE];
         self.read("inode", &mut raw[..INODE_COMPACT_SIZE], pos)?;
         let format = Fields(&raw).u16(0);
@@ -234,7 +255,11 @@ impl<R: ReadAt> Erofs<R> {
         let layout = DataLayout::from_code((format >> 1) & 0x7)
             .ok_or_else(|| bad(format!("unsupported data layout {}", (format >> 1) & 0x7)))?;
         if extended {
-            self.read("inode", &mut raw[INODE_COMPACT_SIZE..], pos + INODE_COMPACT_SIZE as u64)?;
+            self.read(
+                "inode",
+                &mut raw[INODE_COMPACT_SIZE..],
+                pos + INODE_COMPACT_SIZE as u64,
+            )?;
         }
         let f = Fields(&raw);
         let mut inode = Inode {
@@ -250,7 +275,11 @@ impl<R: ReadAt> Erofs<R> {
             layout,
             i_u: f.u32(16),
             xattr_icount: f.u16(2),
-            inode_size: if extended { INODE_EXTENDED_SIZE } else { INODE_COMPACT_SIZE },
+            inode_size: if extended {
+                INODE_EXTENDED_SIZE
+            } else {
+                INODE_COMPACT_SIZE
+            },
         };
         if extended {
             inode.size = f.u64(8);
@@ -276,7 +305,10 @@ impl<R: ReadAt> Erofs<R> {
 
     fn validate_inode(&self, inode: &Inode) -> Result<(), ReadError> {
         use ondisk::mode::*;
-        let bad = |detail: String| ReadError::BadInode { nid: inode.nid, detail };
+        let bad = |detail: String| ReadError::BadInode {
+            nid: inode.nid,
+            detail,
+        };
         let kind = inode.file_type();
         let flat_ok = matches!(inode.layout, DataLayout::FlatPlain | DataLayout::FlatInline);
         match kind {
@@ -284,7 +316,10 @@ impl<R: ReadAt> Erofs<R> {
             S_IFDIR | S_IFLNK if flat_ok => {}
             S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK if inode.layout == DataLayout::FlatPlain => {}
             S_IFDIR | S_IFLNK | S_IFCHR | S_IFBLK | S_IFIFO | S_IFSOCK => {
-                return Err(bad(format!("type {kind:o} cannot use layout {:?}", inode.layout)));
+                return Err(bad(format!(
+                    "type {kind:o} cannot use layout {:?}",
+                    inode.layout
+                )));
             }
             other => return Err(bad(format!("unknown file type {other:o}"))),
         }
@@ -301,7 +336,9 @@ impl<R: ReadAt> Erofs<R> {
                     return Err(bad("chunk size above 1 TiB".into()));
                 }
             }
-            DataLayout::FlatPlain | DataLayout::FlatInline if kind == S_IFREG || kind == S_IFDIR || kind == S_IFLNK => {
+            DataLayout::FlatPlain | DataLayout::FlatInline
+                if kind == S_IFREG || kind == S_IFDIR || kind == S_IFLNK =>
+            {
                 let full_blocks = if inode.layout == DataLayout::FlatInline {
                     inode.size / self.bs
                 } else {
@@ -311,7 +348,10 @@ impl<R: ReadAt> Erofs<R> {
                     .checked_add(u64::from(inode.i_u))
                     .and_then(|b| b.checked_mul(self.bs));
                 if full_blocks > 0 && end.is_none_or(|end| end > self.size) {
-                    return Err(bad(format!("{full_blocks} data blocks at block {} run past the image", inode.i_u)));
+                    return Err(bad(format!(
+                        "{full_blocks} data blocks at block {} run past the image",
+                        inode.i_u
+                    )));
                 }
             }
             _ => {}
@@ -320,16 +360,26 @@ impl<R: ReadAt> Erofs<R> {
     }
 
     fn meta_end(&self, inode: &Inode) -> u64 {
-        self.iloc(inode.nid).unwrap_or(0) + inode.inode_size as u64 + ondisk::xattr_ibody_size(inode.xattr_icount) as u64
+        self.iloc(inode.nid).unwrap_or(0)
+            + inode.inode_size as u64
+            + ondisk::xattr_ibody_size(inode.xattr_icount) as u64
     }
 
     /// Reads `len` bytes at `offset` of a flat (plain or inline) inode.
     pub fn read_flat(&self, inode: &Inode, offset: u64, len: usize) -> Result<Vec<u8>, ReadError> {
-        let bad = |detail: String| ReadError::BadInode { nid: inode.nid, detail };
+        let bad = |detail: String| ReadError::BadInode {
+            nid: inode.nid,
+            detail,
+        };
         let end = offset
             .checked_add(len as u64)
             .filter(|&e| e <= inode.size)
-            .ok_or_else(|| bad(format!("read of {len} at {offset} past size {}", inode.size)))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "read of {len} at {offset} past size {}",
+                    inode.size
+                ))
+            })?;
         let mut out = vec![0u8; len];
         let inline_from = match inode.layout {
             DataLayout::FlatInline => (inode.size / self.bs) * self.bs,
@@ -338,7 +388,11 @@ impl<R: ReadAt> Erofs<R> {
         };
         let mut pos = offset;
         while pos < end {
-            let chunk_end = if pos < inline_from { end.min(inline_from) } else { end };
+            let chunk_end = if pos < inline_from {
+                end.min(inline_from)
+            } else {
+                end
+            };
             let dst = &mut out[(pos - offset) as usize..(chunk_end - offset) as usize];
             if pos < inline_from {
                 self.read("file data", dst, u64::from(inode.i_u) * self.bs + pos)?;
@@ -359,7 +413,10 @@ impl<R: ReadAt> Erofs<R> {
     pub fn symlink_target(&self, inode: &Inode) -> Result<Vec<u8>, ReadError> {
         let target = self.read_flat(inode, 0, inode.size as usize)?;
         if target.contains(&0) {
-            return Err(ReadError::BadInode { nid: inode.nid, detail: "symlink target contains NUL".into() });
+            return Err(ReadError::BadInode {
+                nid: inode.nid,
+                detail: "symlink target contains NUL".into(),
+            });
         }
         Ok(target)
     }
@@ -371,9 +428,16 @@ impl<R: ReadAt> Erofs<R> {
 
     /// Entries of directory block `block`, in on-disk (sorted) order.
     pub fn dir_block(&self, dir: &Inode, block: u64) -> Result<Vec<DirEntry>, ReadError> {
-        let bad = |detail: String| ReadError::BadDir { nid: dir.nid, block, detail };
+        let bad = |detail: String| ReadError::BadDir {
+            nid: dir.nid,
+            block,
+            detail,
+        };
         if !dir.is_dir() {
-            return Err(ReadError::BadInode { nid: dir.nid, detail: "not a directory".into() });
+            return Err(ReadError::BadInode {
+                nid: dir.nid,
+                detail: "not a directory".into(),
+            });
         }
         let start = block * self.bs;
         if start >= dir.size {
@@ -396,16 +460,28 @@ impl<R: ReadAt> Erofs<R> {
             let name_end = if i + 1 < count {
                 usize::from(Fields(&raw[(i + 1) * DIRENT_SIZE..]).u16(8))
             } else {
-                raw[nameoff.min(len)..].iter().position(|&b| b == 0).map_or(len, |p| nameoff + p)
+                raw[nameoff.min(len)..]
+                    .iter()
+                    .position(|&b| b == 0)
+                    .map_or(len, |p| nameoff + p)
             };
             if nameoff < first_nameoff || name_end <= nameoff || name_end > len {
-                return Err(bad(format!("entry {i} has name bounds {nameoff}..{name_end}")));
+                return Err(bad(format!(
+                    "entry {i} has name bounds {nameoff}..{name_end}"
+                )));
             }
             let name = &raw[nameoff..name_end];
             if name.len() > ondisk::NAME_LEN || name.iter().any(|&b| b == b'/' || b == 0) {
-                return Err(bad(format!("entry {i} has an invalid name {:?}", String::from_utf8_lossy(name))));
+                return Err(bad(format!(
+                    "entry {i} has an invalid name {:?}",
+                    String::from_utf8_lossy(name)
+                )));
             }
-            entries.push(DirEntry { name: name.to_vec(), nid: f.u64(0), file_type: f.u8(10) });
+            entries.push(DirEntry {
+                name: name.to_vec(),
+                nid: f.u64(0),
+                file_type: f.u8(10),
+            });
         }
         Ok(entries)
     }
@@ -448,7 +524,10 @@ impl<R: ReadAt> Erofs<R> {
         if body_len == 0 {
             return Ok(Vec::new());
         }
-        let bad = |detail: String| ReadError::BadInode { nid: inode.nid, detail };
+        let bad = |detail: String| ReadError::BadInode {
+            nid: inode.nid,
+            detail,
+        };
         if body_len < ondisk::XATTR_IBODY_HEADER_SIZE {
             return Err(bad("xattr body shorter than its header".into()));
         }
@@ -458,7 +537,9 @@ impl<R: ReadAt> Erofs<R> {
         let shared = usize::from(body[4]);
         let entries_at = ondisk::XATTR_IBODY_HEADER_SIZE + 4 * shared;
         if entries_at > body_len {
-            return Err(bad(format!("{shared} shared xattrs overflow the xattr body")));
+            return Err(bad(format!(
+                "{shared} shared xattrs overflow the xattr body"
+            )));
         }
         let mut out = Vec::new();
         for i in 0..shared {
@@ -482,7 +563,10 @@ impl<R: ReadAt> Erofs<R> {
 
     /// Chunk index `chunk` of a chunk-based file.
     pub fn chunk_index(&self, inode: &Inode, chunk: u64) -> Result<ChunkIndex, ReadError> {
-        let bad = |detail: String| ReadError::BadInode { nid: inode.nid, detail };
+        let bad = |detail: String| ReadError::BadInode {
+            nid: inode.nid,
+            detail,
+        };
         if inode.layout != DataLayout::ChunkBased {
             return Err(bad("not chunk-based".into()));
         }
@@ -494,14 +578,21 @@ impl<R: ReadAt> Erofs<R> {
             let at = align_up(self.meta_end(inode), 4) + chunk * 4;
             let mut raw = [0u8; 4];
             self.read("block map", &mut raw, at)?;
-            return Ok(ChunkIndex { device_id: 0, blkaddr: u32::from_le_bytes(raw) });
+            return Ok(ChunkIndex {
+                device_id: 0,
+                blkaddr: u32::from_le_bytes(raw),
+            });
         }
-        let at = align_up(self.meta_end(inode), CHUNK_INDEX_SIZE as u64) + chunk * CHUNK_INDEX_SIZE as u64;
+        let at = align_up(self.meta_end(inode), CHUNK_INDEX_SIZE as u64)
+            + chunk * CHUNK_INDEX_SIZE as u64;
         let mut raw = [0u8; CHUNK_INDEX_SIZE];
         self.read("chunk index", &mut raw, at)?;
         let idx = ChunkIndex::decode(&raw);
         if !idx.is_hole() && usize::from(idx.device_id) > self.devices.len() {
-            return Err(bad(format!("chunk {chunk} refers to missing device {}", idx.device_id)));
+            return Err(bad(format!(
+                "chunk {chunk} refers to missing device {}",
+                idx.device_id
+            )));
         }
         Ok(idx)
     }
@@ -510,28 +601,40 @@ impl<R: ReadAt> Erofs<R> {
     /// checking the tree's shape: `.` and `..` are right, names are sorted
     /// and unique, entry types match inodes, and no directory is reached
     /// twice. `visit` gets the parent path, the entry and its inode.
-    pub fn walk(
-        &self,
-        visit: &mut WalkVisitor<'_>,
-    ) -> Result<(), ReadError> {
+    pub fn walk(&self, visit: &mut WalkVisitor<'_>) -> Result<(), ReadError> {
         let root = self.inode(self.root_nid())?;
         if !root.is_dir() {
-            return Err(ReadError::BadTree { path: "/".into(), detail: "root is not a directory".into() });
+            return Err(ReadError::BadTree {
+                path: "/".into(),
+                detail: "root is not a directory".into(),
+            });
         }
         let mut seen_dirs = HashSet::from([root.nid]);
         let mut stack = vec![(b"/".to_vec(), root.clone(), root.nid)];
         while let Some((path, dir, parent)) = stack.pop() {
             let entries = self.dir_entries(&dir)?;
-            let tree_err = |detail: String| ReadError::BadTree { path: String::from_utf8_lossy(&path).into_owned(), detail };
+            let tree_err = |detail: String| ReadError::BadTree {
+                path: String::from_utf8_lossy(&path).into_owned(),
+                detail,
+            };
             if entries.windows(2).any(|w| w[0].name >= w[1].name) {
-                return Err(tree_err("directory entries are not sorted and unique".into()));
+                return Err(tree_err(
+                    "directory entries are not sorted and unique".into(),
+                ));
             }
             let dot = entries.iter().find(|e| e.name == b".").map(|e| e.nid);
             let dotdot = entries.iter().find(|e| e.name == b"..").map(|e| e.nid);
             if dot != Some(dir.nid) || dotdot != Some(parent) {
-                return Err(tree_err(format!("'.' is {dot:?} and '..' is {dotdot:?}, expected {} and {parent}", dir.nid)));
+                return Err(tree_err(format!(
+                    "'.' is {dot:?} and '..' is {dotdot:?}, expected {} and {parent}",
+                    dir.nid
+                )));
             }
-            for e in entries.iter().rev().filter(|e| e.name != b"." && e.name != b"..") {
+            for e in entries
+                .iter()
+                .rev()
+                .filter(|e| e.name != b"." && e.name != b"..")
+            {
                 let inode = self.inode(e.nid)?;
                 if e.file_type != ondisk::mode::file_type(inode.mode) {
                     return Err(tree_err(format!(
@@ -544,7 +647,10 @@ impl<R: ReadAt> Erofs<R> {
                 visit(&path, e, &inode)?;
                 if inode.is_dir() {
                     if !seen_dirs.insert(inode.nid) {
-                        return Err(tree_err(format!("directory inode {} is reached twice", inode.nid)));
+                        return Err(tree_err(format!(
+                            "directory inode {} is reached twice",
+                            inode.nid
+                        )));
                     }
                     let mut child = path.clone();
                     if child.len() > 1 {
@@ -573,7 +679,9 @@ fn decode_xattr(raw: &[u8], nid: u64) -> Result<(Xattr, usize), ReadError> {
     let (name_len, index, value_len) = (usize::from(f.u8(0)), f.u8(1), usize::from(f.u16(2)));
     let end = ondisk::XATTR_ENTRY_SIZE + name_len + value_len;
     if end > raw.len() {
-        return Err(bad(format!("xattr entry of {end} bytes overflows the xattr body")));
+        return Err(bad(format!(
+            "xattr entry of {end} bytes overflows the xattr body"
+        )));
     }
     let suffix = &raw[4..4 + name_len];
     let name = ondisk::xattr_join(index, suffix)
@@ -582,11 +690,23 @@ fn decode_xattr(raw: &[u8], nid: u64) -> Result<(Xattr, usize), ReadError> {
     Ok(((name, value), align_up(end as u64, 4) as usize))
 }
 
-fn read_at<R: ReadAt>(r: &R, size: u64, what: &'static str, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-    let in_bounds = offset.checked_add(buf.len() as u64).is_some_and(|end| end <= size);
+fn read_at<R: ReadAt>(
+    r: &R,
+    size: u64,
+    what: &'static str,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), ReadError> {
+    let in_bounds = offset
+        .checked_add(buf.len() as u64)
+        .is_some_and(|end| end <= size);
     if !in_bounds {
         return Err(ReadError::OutOfBounds { what, offset, size });
     }
     r.read_exact_at(buf, offset)
-        .map_err(|source| ReadError::Io { offset, len: buf.len(), source })
+        .map_err(|source| ReadError::Io {
+            offset,
+            len: buf.len(),
+            source,
+        })
 }

@@ -7,12 +7,13 @@
 //! caller's extra bytes (Darter's extension), each region block aligned.
 
 use super::ondisk::{
-    self, ChunkIndex, DataLayout, DeviceSlot, SuperBlock, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE,
-    DEVICE_SLOT_SIZE, DIRENT_SIZE, INODE_EXTENDED_SIZE, ISLOT_BITS, SUPERBLOCK_SIZE, SUPER_OFFSET,
+    self, CHUNK_FORMAT_INDEXES, CHUNK_INDEX_SIZE, ChunkIndex, DEVICE_SLOT_SIZE, DIRENT_SIZE,
+    DataLayout, DeviceSlot, INODE_EXTENDED_SIZE, ISLOT_BITS, SUPER_OFFSET, SUPERBLOCK_SIZE,
+    SuperBlock,
 };
-use crate::blob::{align_up, BLOCK_BITS, BLOCK_SIZE};
+use crate::blob::{BLOCK_BITS, BLOCK_SIZE, align_up};
 use crate::le::FieldsMut;
-use crate::tree::{is_valid_name, NodeId, NodeKind, Tree};
+use crate::tree::{NodeId, NodeKind, Tree, is_valid_name};
 
 const BS: usize = BLOCK_SIZE as usize;
 
@@ -142,7 +143,11 @@ pub fn write_image(tree: &Tree, opts: &ImageOptions) -> Result<WrittenImage, Wri
         blocks,
         volume_name: *b"darter\0\0\0\0\0\0\0\0\0\0",
         feature_incompat: ondisk::FEATURE_INCOMPAT_CHUNKED_FILE
-            | if opts.devices.is_empty() { 0 } else { ondisk::FEATURE_INCOMPAT_DEVICE_TABLE },
+            | if opts.devices.is_empty() {
+                0
+            } else {
+                ondisk::FEATURE_INCOMPAT_DEVICE_TABLE
+            },
         extra_devices: u16::try_from(opts.devices.len())
             .map_err(|_| WriteError::TooLarge("more than 65535 devices".into()))?,
         devt_slotoff: ((SUPER_OFFSET + SUPERBLOCK_SIZE) / DEVICE_SLOT_SIZE) as u16,
@@ -219,19 +224,30 @@ impl Walk {
     ) -> Result<(), WriteError> {
         let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
         if !is_valid_name(&e.name) {
-            return Err(WriteError::InvalidName { dir: self.path(dir), name: lossy(&e.name) });
+            return Err(WriteError::InvalidName {
+                dir: self.path(dir),
+                name: lossy(&e.name),
+            });
         }
         if next_name == Some(&e.name[..]) {
-            return Err(WriteError::DuplicateName { dir: self.path(dir), name: lossy(&e.name) });
+            return Err(WriteError::DuplicateName {
+                dir: self.path(dir),
+                name: lossy(&e.name),
+            });
         }
         let child = e.node as usize;
         let Some(node) = tree.nodes.get(child) else {
-            return Err(WriteError::MissingNode { path: self.child_path(dir, &e.name), node: e.node });
+            return Err(WriteError::MissingNode {
+                path: self.child_path(dir, &e.name),
+                node: e.node,
+            });
         };
         let is_dir = matches!(node.kind, NodeKind::Dir(_));
         let first_visit = self.reached_by[child].is_none() && child != 0;
         if is_dir && !first_visit {
-            return Err(WriteError::DirectoryHardlink { path: self.child_path(dir, &e.name) });
+            return Err(WriteError::DirectoryHardlink {
+                path: self.child_path(dir, &e.name),
+            });
         }
         if is_dir {
             self.nlink[dir as usize] += 1;
@@ -268,7 +284,10 @@ impl Walk {
             .iter()
             .map(|&(node_id, parent)| {
                 let node = &tree.nodes[node_id as usize];
-                let fail = |detail: String| WriteError::Unrepresentable { path: self.path(node_id), detail };
+                let fail = |detail: String| WriteError::Unrepresentable {
+                    path: self.path(node_id),
+                    detail,
+                };
                 let xattrs = encode_xattrs(&node.meta.xattrs).map_err(fail)?;
                 let data = match &node.kind {
                     NodeKind::Dir(entries) => Data::Flat(FlatData {
@@ -280,7 +299,11 @@ impl Walk {
                         if target.is_empty() || target.len() >= BS || target.contains(&0) {
                             return Err(fail(format!("symlink target of {} bytes", target.len())));
                         }
-                        Data::Flat(FlatData { size: target.len() as u64, inline: false, blkaddr: 0 })
+                        Data::Flat(FlatData {
+                            size: target.len() as u64,
+                            inline: false,
+                            blkaddr: 0,
+                        })
                     }
                     NodeKind::File(f) => {
                         let want = f.size.div_ceil(chunk_size);
@@ -291,7 +314,11 @@ impl Walk {
                                 f.size
                             )));
                         }
-                        if f.size == 0 { Data::Nothing } else { Data::Chunks(f.chunks.len()) }
+                        if f.size == 0 {
+                            Data::Nothing
+                        } else {
+                            Data::Chunks(f.chunks.len())
+                        }
                     }
                     NodeKind::CharDev(ma, mi) | NodeKind::BlockDev(ma, mi) => {
                         ondisk::encode_rdev(*ma, *mi)
@@ -300,7 +327,13 @@ impl Walk {
                     }
                     NodeKind::Fifo | NodeKind::Socket => Data::Nothing,
                 };
-                Ok(Slot { node: node_id, parent, xattrs, data, pos: 0 })
+                Ok(Slot {
+                    node: node_id,
+                    parent,
+                    xattrs,
+                    data,
+                    pos: 0,
+                })
             })
             .collect()
     }
@@ -313,7 +346,9 @@ fn place_inodes(slots: &mut [Slot], start: u64) -> u64 {
         let base = (INODE_EXTENDED_SIZE + slot.xattrs.len()) as u64;
         let len = match &mut slot.data {
             Data::Nothing => base,
-            Data::Chunks(n) => align_up(base, CHUNK_INDEX_SIZE as u64) + (*n * CHUNK_INDEX_SIZE) as u64,
+            Data::Chunks(n) => {
+                align_up(base, CHUNK_INDEX_SIZE as u64) + (*n * CHUNK_INDEX_SIZE) as u64
+            }
             Data::Flat(flat) => {
                 let tail = flat.size % BS as u64;
                 flat.inline = tail > 0 && base + tail <= BS as u64;
@@ -338,7 +373,11 @@ fn place_flat_blocks(slots: &mut [Slot], start: u64) -> Result<u64, WriteError> 
     let mut cursor = start;
     for slot in slots {
         if let Data::Flat(flat) = &mut slot.data {
-            let full = if flat.inline { flat.size / BS as u64 } else { flat.size.div_ceil(BS as u64) };
+            let full = if flat.inline {
+                flat.size / BS as u64
+            } else {
+                flat.size.div_ceil(BS as u64)
+            };
             if full > 0 {
                 flat.blkaddr = u32::try_from(cursor >> BLOCK_BITS)
                     .map_err(|_| WriteError::TooLarge("metadata exceeds 2^32 blocks".into()))?;
@@ -366,11 +405,17 @@ impl InodeContext<'_> {
                 let format = u16::from(self.chunk_bits - BLOCK_BITS) | CHUNK_FORMAT_INDEXES;
                 (DataLayout::ChunkBased, f.size, u32::from(format))
             }
-            (NodeKind::CharDev(ma, mi) | NodeKind::BlockDev(ma, mi), _) => {
-                (DataLayout::FlatPlain, 0, ondisk::encode_rdev(*ma, *mi).unwrap_or(0))
-            }
+            (NodeKind::CharDev(ma, mi) | NodeKind::BlockDev(ma, mi), _) => (
+                DataLayout::FlatPlain,
+                0,
+                ondisk::encode_rdev(*ma, *mi).unwrap_or(0),
+            ),
             (_, Data::Flat(flat)) => {
-                let layout = if flat.inline { DataLayout::FlatInline } else { DataLayout::FlatPlain };
+                let layout = if flat.inline {
+                    DataLayout::FlatInline
+                } else {
+                    DataLayout::FlatPlain
+                };
                 (layout, flat.size, flat.blkaddr)
             }
             _ => (DataLayout::FlatPlain, 0, 0),
@@ -406,7 +451,11 @@ impl InodeContext<'_> {
                     NodeKind::Symlink(target) => target.clone(),
                     _ => Vec::new(),
                 };
-                let full = if flat.inline { (flat.size as usize / BS) * BS } else { content.len() };
+                let full = if flat.inline {
+                    (flat.size as usize / BS) * BS
+                } else {
+                    content.len()
+                };
                 let blk = (flat.blkaddr as usize) << BLOCK_BITS;
                 out[blk..blk + full].copy_from_slice(&content[..full]);
                 if flat.inline {
@@ -419,12 +468,24 @@ impl InodeContext<'_> {
     }
 
     fn dir_bytes(&self, slot: &Slot, entries: &[crate::tree::Entry]) -> Vec<u8> {
-        let dot = (b".".to_vec(), self.nids[slot.node as usize], ondisk::file_type::DIR);
-        let dotdot = (b"..".to_vec(), self.nids[slot.parent as usize], ondisk::file_type::DIR);
+        let dot = (
+            b".".to_vec(),
+            self.nids[slot.node as usize],
+            ondisk::file_type::DIR,
+        );
+        let dotdot = (
+            b"..".to_vec(),
+            self.nids[slot.parent as usize],
+            ondisk::file_type::DIR,
+        );
         let mut all: Vec<(Vec<u8>, u64, u8)> = vec![dot, dotdot];
         all.extend(entries.iter().map(|e| {
             let kind = &self.tree.nodes[e.node as usize].kind;
-            (e.name.clone(), self.nids[e.node as usize], ondisk::mode::file_type(kind.type_bits()))
+            (
+                e.name.clone(),
+                self.nids[e.node as usize],
+                ondisk::mode::file_type(kind.type_bits()),
+            )
         }));
         all.sort_by(|a, b| a.0.cmp(&b.0));
         encode_dir(&all)
@@ -448,10 +509,16 @@ fn encode_xattrs(xattrs: &[crate::tree::Xattr]) -> Result<Vec<u8>, String> {
     let mut entries = Vec::with_capacity(xattrs.len());
     for (name, value) in xattrs {
         let (index, suffix) = ondisk::xattr_split(name).ok_or_else(|| {
-            format!("xattr {:?} is in a namespace EROFS cannot store", String::from_utf8_lossy(name))
+            format!(
+                "xattr {:?} is in a namespace EROFS cannot store",
+                String::from_utf8_lossy(name)
+            )
         })?;
         if suffix.len() > 255 || value.len() > usize::from(u16::MAX) {
-            return Err(format!("xattr {:?} is too long", String::from_utf8_lossy(name)));
+            return Err(format!(
+                "xattr {:?} is too long",
+                String::from_utf8_lossy(name)
+            ));
         }
         entries.push((index, suffix, value));
     }
@@ -467,7 +534,10 @@ fn encode_xattrs(xattrs: &[crate::tree::Xattr]) -> Result<Vec<u8>, String> {
     }
     let max = ondisk::xattr_ibody_size(u16::MAX);
     if out.len() > max {
-        return Err(format!("{} bytes of xattrs exceed the EROFS limit of {max}", out.len()));
+        return Err(format!(
+            "{} bytes of xattrs exceed the EROFS limit of {max}",
+            out.len()
+        ));
     }
     Ok(out)
 }
@@ -530,7 +600,9 @@ mod tests {
 
     #[test]
     fn dir_blocks_fill_without_overflow() {
-        let names: Vec<Vec<u8>> = (0..1000).map(|i| format!("name-{i:05}").into_bytes()).collect();
+        let names: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!("name-{i:05}").into_bytes())
+            .collect();
         let blocks = dir_blocks(names.iter().map(|n| &n[..]));
         let mut covered = 0;
         for &(first, end, used) in &blocks {

@@ -1,0 +1,254 @@
+//! Reading the parent image's chunks, and writing the finished image:
+//! blobs in device order, the compressed bootstrap, config and manifest.
+
+use std::collections::BTreeSet;
+
+use darter_format::bootstrap::{BlobEntry, BootstrapInfo, write_bootstrap};
+use darter_format::erofs::ondisk::ChunkIndex;
+use darter_format::oci as dm;
+use darter_oci::{LayoutRef, OciDigest, OciLayout, media};
+use serde_json::{Value, json};
+
+use crate::merge::MergeTree;
+use crate::{BuildError, BuildOptions, chunker::Chunker};
+
+/// zstd level for the bootstrap: it is small and fetched on every mount,
+/// so spend time making it smaller.
+const BOOTSTRAP_ZSTD_LEVEL: i32 = 19;
+
+/// A blob of the parent image and the layout holding it.
+#[derive(Debug)]
+pub(crate) struct ParentBlob {
+    entry: BlobEntry,
+    layout: OciLayout,
+}
+
+/// Registers every chunk of the parent image with the chunker, as devices
+/// `1..=n`, and returns the parent's blobs.
+pub(crate) fn load_parent(
+    parent: &LayoutRef,
+    chunker: &mut Chunker,
+    _out: &OciLayout,
+) -> Result<Vec<ParentBlob>, BuildError> {
+    let image = darter_image::open_layout(parent)?;
+    let info = image.bootstrap().info();
+    let settings = chunker.settings();
+    if info.digest_algo != settings.digest
+        || image.bootstrap().chunk_size() != u64::from(settings.chunk_size)
+    {
+        return Err(BuildError::Parent(format!(
+            "{parent} uses {} digests and {}-byte chunks; this build uses {} and {} (use the same --digest and --chunk-size)",
+            info.digest_algo,
+            image.bootstrap().chunk_size(),
+            settings.digest,
+            settings.chunk_size
+        )));
+    }
+    let layout = image.source().layout().clone();
+    let mut blobs = Vec::new();
+    for (i, entry) in image.blobs().iter().enumerate() {
+        let device_id =
+            u16::try_from(i + 1).map_err(|_| BuildError::Parent("more than 65535 blobs".into()))?;
+        for r in image.chunk_table(i)?.records() {
+            chunker.know(
+                r.digest,
+                ChunkIndex {
+                    device_id,
+                    blkaddr: r.blkaddr,
+                },
+            );
+        }
+        blobs.push(ParentBlob {
+            entry: *entry,
+            layout: layout.clone(),
+        });
+    }
+    Ok(blobs)
+}
+
+/// What [`write_image`] produced.
+#[derive(Debug)]
+pub(crate) struct Written {
+    pub(crate) manifest_digest: String,
+    pub(crate) entries: u64,
+    pub(crate) blobs: usize,
+    pub(crate) bootstrap_bytes: u64,
+}
+
+/// Drops blobs no file uses, renumbers devices, and writes the bootstrap,
+/// config and manifest; tags the manifest.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_image(
+    out: &OciLayout,
+    output: &LayoutRef,
+    mut tree: MergeTree,
+    parents: &[ParentBlob],
+    new: &[BlobEntry],
+    opts: &BuildOptions,
+    source_config: Option<Value>,
+    source_name: &str,
+) -> Result<Written, BuildError> {
+    let all: Vec<BlobEntry> = parents
+        .iter()
+        .map(|p| p.entry)
+        .chain(new.iter().copied())
+        .collect();
+    let mut used = BTreeSet::new();
+    tree.for_each_file(|f| {
+        used.extend(
+            f.chunks
+                .iter()
+                .filter(|c| !c.is_hole())
+                .map(|c| c.device_id),
+        )
+    });
+    let mut map = vec![0u16; all.len() + 1];
+    let mut kept = Vec::new();
+    for (i, &dev) in used.iter().enumerate() {
+        map[usize::from(dev)] = i as u16 + 1;
+        kept.push(all[usize::from(dev) - 1]);
+        if let Some(p) = parents.get(usize::from(dev) - 1) {
+            copy_blob_if_missing(&p.layout, out, &p.entry)?;
+        }
+    }
+    tree.for_each_file(|f| crate::renumber(&mut f.chunks, &map));
+    let tree = tree.into_tree();
+    let info = BootstrapInfo {
+        digest_algo: opts.settings.digest,
+        chunk_size_bits: opts.settings.chunk_size.trailing_zeros() as u8,
+        blobs: kept.clone(),
+    };
+    let raw = write_bootstrap(&tree, &info, 0)?;
+    let raw_digest = OciDigest::of(&raw);
+    let packed = zstd::bulk::compress(&raw, BOOTSTRAP_ZSTD_LEVEL).map_err(|e| {
+        BuildError::io(
+            "compress bootstrap for",
+            output.path.as_os_str().as_encoded_bytes(),
+            e,
+        )
+    })?;
+    let (boot_digest, boot_size) = out.put_blob(&packed)?;
+
+    let mut layers: Vec<Value> = kept
+        .iter()
+        .map(|b| {
+            descriptor(
+                dm::MEDIA_TYPE_BLOB,
+                &b.oci_digest(),
+                b.blob_size,
+                json!({
+                    dm::ANNOTATION_VERSION: dm::FORMAT_VERSION,
+                    dm::ANNOTATION_TABLE_DIGEST: b.trailer.table_digest.to_string(),
+                    dm::ANNOTATION_UNCOMPRESSED_SIZE: b.trailer.uncompressed_size.to_string(),
+                }),
+            )
+        })
+        .collect();
+    layers.push(descriptor(
+        dm::MEDIA_TYPE_BOOTSTRAP,
+        boot_digest.as_str(),
+        boot_size,
+        json!({
+            dm::ANNOTATION_VERSION: dm::FORMAT_VERSION,
+            dm::ANNOTATION_BOOTSTRAP_DIGEST: raw_digest.to_string(),
+            dm::ANNOTATION_BOOTSTRAP_SIZE: raw.len().to_string(),
+        }),
+    ));
+    let diff_ids: Vec<String> = kept
+        .iter()
+        .map(BlobEntry::oci_digest)
+        .chain([raw_digest.to_string()])
+        .collect();
+    let config = image_config(source_config, &diff_ids);
+    let config_bytes = serde_json::to_vec(&config).map_err(|e| BuildError::Source {
+        what: "config".into(),
+        detail: e.to_string(),
+    })?;
+    let (config_digest, config_size) = out.put_blob(&config_bytes)?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": descriptor(media::OCI_CONFIG, config_digest.as_str(), config_size, Value::Null),
+        "layers": layers,
+        "annotations": {
+            dm::ANNOTATION_VERSION: dm::FORMAT_VERSION,
+            dm::ANNOTATION_CHUNK_SIZE: opts.settings.chunk_size.to_string(),
+            dm::ANNOTATION_DIGEST_ALGO: opts.settings.digest.to_string(),
+            dm::ANNOTATION_SOURCE: source_name,
+        },
+    });
+    let manifest_bytes = serde_json::to_vec(&manifest).map_err(|e| BuildError::Source {
+        what: "manifest".into(),
+        detail: e.to_string(),
+    })?;
+    let (manifest_digest, manifest_size) = out.put_blob(&manifest_bytes)?;
+    let desc: darter_oci::Descriptor = serde_json::from_value(descriptor(
+        media::OCI_MANIFEST,
+        manifest_digest.as_str(),
+        manifest_size,
+        Value::Null,
+    ))
+    .map_err(|e| BuildError::Source {
+        what: "manifest descriptor".into(),
+        detail: e.to_string(),
+    })?;
+    out.set_tag(desc, output.tag.as_deref().unwrap_or("latest"))?;
+    Ok(Written {
+        manifest_digest: manifest_digest.to_string(),
+        entries: tree.nodes.len() as u64,
+        blobs: kept.len(),
+        bootstrap_bytes: boot_size,
+    })
+}
+
+fn descriptor(media_type: &str, digest: &str, size: u64, annotations: Value) -> Value {
+    let mut d = json!({ "mediaType": media_type, "digest": digest, "size": size });
+    if !annotations.is_null() {
+        d["annotations"] = annotations;
+    }
+    d
+}
+
+/// The image config: the source's (entrypoint, env, ...) when converting,
+/// a minimal one for directories, with `rootfs.diff_ids` for Darter's layers.
+fn image_config(source: Option<Value>, diff_ids: &[String]) -> Value {
+    let mut config = source.unwrap_or_else(|| {
+        let platform = darter_oci::host_platform();
+        let arch = platform.rsplit('/').next().unwrap_or("amd64").to_owned();
+        json!({ "architecture": arch, "os": "linux", "config": {} })
+    });
+    if let Some(obj) = config.as_object_mut() {
+        // The source's history describes its tar layers, not Darter's.
+        obj.remove("history");
+        obj.insert(
+            "rootfs".into(),
+            json!({ "type": "layers", "diff_ids": diff_ids }),
+        );
+    }
+    config
+}
+
+fn copy_blob_if_missing(
+    from: &OciLayout,
+    to: &OciLayout,
+    entry: &BlobEntry,
+) -> Result<(), BuildError> {
+    let digest = OciDigest::from_bytes(entry.blob_digest);
+    if to.has_blob(&digest) {
+        return Ok(());
+    }
+    let src = from.blob_path(&digest);
+    let mut file = from.open_blob(&digest, entry.blob_size)?;
+    let mut upload = to.begin_blob()?;
+    std::io::copy(&mut file, &mut upload)
+        .map_err(|e| BuildError::io("copy", src.as_os_str().as_encoded_bytes(), e))?;
+    let (copied, _) = upload.commit()?;
+    if copied != digest {
+        return Err(BuildError::DigestMismatch {
+            what: format!("parent blob {}", src.display()),
+            expected: digest.to_string(),
+            actual: copied.to_string(),
+        });
+    }
+    Ok(())
+}

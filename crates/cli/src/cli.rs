@@ -1,0 +1,119 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Darter: container images that start before they are pulled.
+#[derive(Debug, Parser)]
+#[command(name = "darter", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (default: $DARTER_CONFIG, then ~/.config/darter/config.toml, then /etc/darter/config.toml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace); DARTER_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build a Darter image from a directory or an OCI image.
+    Build(BuildArgs),
+    /// Show what an image holds: tree, chunks, blobs, dedup.
+    Inspect(InspectArgs),
+    /// Verify an image completely: digest chain, every chunk, metadata.
+    Check(CheckArgs),
+    /// Write an image's tree into a directory.
+    Unpack(UnpackArgs),
+    /// Write an image as plain EROFS (bootstrap + device images) for fsck.erofs and the kernel.
+    Export(ExportArgs),
+}
+
+/// `darter build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// A directory, or an OCI image as oci:PATH[:TAG].
+    pub source: String,
+    /// Where to write the image: oci:PATH[:TAG] (tag defaults to latest).
+    #[arg(short, long, value_name = "IMAGE")]
+    pub output: String,
+    /// Chunk size: a power of two from 4K to 16M (default 1M).
+    #[arg(long, value_name = "SIZE")]
+    pub chunk_size: Option<String>,
+    /// Compression: zstd (default), lz4 or none.
+    #[arg(long, value_name = "NAME")]
+    pub compressor: Option<String>,
+    /// zstd compression level (default 3).
+    #[arg(long, value_name = "N")]
+    pub level: Option<i32>,
+    /// Chunk digest: blake3 (default) or sha256.
+    #[arg(long, value_name = "NAME")]
+    pub digest: Option<String>,
+    /// Pack small chunks into compression frames of up to this size (default 128K).
+    #[arg(long, value_name = "SIZE")]
+    pub frame_size: Option<String>,
+    /// A previous version of the image: chunks it has are referenced, not stored again.
+    #[arg(long, value_name = "IMAGE")]
+    pub parent: Option<String>,
+    /// Platform to convert from a multi-platform source (os/arch[/variant]).
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Compression threads (default: all cores).
+    #[arg(short, long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `darter inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// The image: oci:PATH[:TAG].
+    pub image: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `darter check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The image: oci:PATH[:TAG].
+    pub image: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `darter unpack`.
+#[derive(Debug, Args)]
+pub struct UnpackArgs {
+    /// The image: oci:PATH[:TAG].
+    pub image: String,
+    /// Target directory (created; must be empty).
+    pub dir: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `darter export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The image: oci:PATH[:TAG].
+    pub image: String,
+    /// Output directory.
+    pub dir: PathBuf,
+    /// Print the file list as JSON.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,60 @@
+//! The TOML configuration file. Command-line flags override it; it
+//! overrides built-in defaults.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Defaults for `darter build`.
+    #[serde(default)]
+    pub build: BuildConfig,
+}
+
+/// `[build]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildConfig {
+    /// Chunk size, e.g. "1M".
+    pub chunk_size: Option<String>,
+    /// zstd, lz4 or none.
+    pub compressor: Option<String>,
+    /// zstd level.
+    pub level: Option<i32>,
+    /// blake3 or sha256.
+    pub digest: Option<String>,
+    /// Frame size, e.g. "128K".
+    pub frame_size: Option<String>,
+    /// Compression threads.
+    pub jobs: Option<usize>,
+}
+
+/// Loads the config from `explicit`, else `$DARTER_CONFIG`, else the first
+/// of the per-user and system files that exists; none is fine.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
+    let env = std::env::var_os("DARTER_CONFIG").map(PathBuf::from);
+    let path = match explicit.map(Path::to_path_buf).or(env) {
+        Some(p) => p,
+        None => match default_paths().into_iter().find(|p| p.is_file()) {
+            Some(p) => p,
+            None => return Ok(Config::default()),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+}
+
+fn default_paths() -> Vec<PathBuf> {
+    let user = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .map(|d| d.join("darter").join("config.toml"));
+    user.into_iter()
+        .chain([PathBuf::from("/etc/darter/config.toml")])
+        .collect()
+}
