@@ -75,21 +75,90 @@ type Done = io::Result<(u64, Frame, Compression, Vec<u8>)>;
 struct BlobBuilder {
     device_id: u16,
     packer: FramePacker,
+    backend: Backend,
+    chunks: u64,
+}
+
+/// Where sealed frames go: compressed right here (one job: no thread
+/// hand-offs, the fastest on one core), or by a pool of workers feeding a
+/// writer thread that restores their order.
+enum Backend {
+    Inline {
+        compressor: Compressor,
+        writer: BlobWriter<Box<dyn BlobSink>>,
+    },
+    Pool(Pool),
+}
+
+struct Pool {
     seq: u64,
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
     end: Sender<u64>,
     writer: JoinHandle<io::Result<(Box<dyn BlobSink>, BlobSummary)>>,
-    chunks: u64,
 }
 
 impl BlobBuilder {
     fn start(device_id: u16, sink: Box<dyn BlobSink>, s: &ChunkSettings) -> io::Result<Self> {
-        let jobs = s.jobs.max(1);
-        let (job_tx, job_rx) = bounded::<Job>(jobs * 2);
-        let (done_tx, done_rx) = bounded::<Done>(jobs * 2);
-        let mut workers = Vec::with_capacity(jobs);
-        for _ in 0..jobs {
+        let writer = BlobWriter::new(sink, s.digest, s.chunk_size);
+        let backend = if s.jobs <= 1 {
+            Backend::Inline {
+                compressor: Compressor::new(s.compression, s.level)?,
+                writer,
+            }
+        } else {
+            Backend::Pool(Pool::start(writer, s)?)
+        };
+        Ok(BlobBuilder {
+            device_id,
+            packer: FramePacker::new(s.frame_size),
+            backend,
+            chunks: 0,
+        })
+    }
+
+    fn add(&mut self, data: &[u8], digest: [u8; 32]) -> io::Result<ChunkIndex> {
+        let (blkaddr, sealed) = self.packer.push(data, digest).map_err(io::Error::other)?;
+        for frame in sealed {
+            self.backend.submit(frame)?;
+        }
+        self.chunks += 1;
+        Ok(ChunkIndex {
+            device_id: self.device_id,
+            blkaddr,
+        })
+    }
+
+    fn finish(mut self) -> io::Result<(Box<dyn BlobSink>, BlobSummary)> {
+        let (last, size) = self.packer.finish();
+        if let Some(frame) = last {
+            self.backend.submit(frame)?;
+        }
+        match self.backend {
+            Backend::Inline { writer, .. } => writer.finish(size),
+            Backend::Pool(pool) => pool.finish(size),
+        }
+    }
+}
+
+impl Backend {
+    fn submit(&mut self, frame: Frame) -> io::Result<()> {
+        match self {
+            Backend::Inline { compressor, writer } => {
+                let (c, stored) = compressor.compress(&frame.data)?;
+                writer.write_frame(&frame, c, &stored)
+            }
+            Backend::Pool(pool) => pool.submit(frame),
+        }
+    }
+}
+
+impl Pool {
+    fn start(writer: BlobWriter<Box<dyn BlobSink>>, s: &ChunkSettings) -> io::Result<Self> {
+        let (job_tx, job_rx) = bounded::<Job>(s.jobs * 2);
+        let (done_tx, done_rx) = bounded::<Done>(s.jobs * 2);
+        let mut workers = Vec::with_capacity(s.jobs);
+        for _ in 0..s.jobs {
             let mut compressor = Compressor::new(s.compression, s.level)?;
             let (rx, tx) = (job_rx.clone(), done_tx.clone());
             workers.push(std::thread::spawn(move || {
@@ -105,29 +174,13 @@ impl BlobBuilder {
         }
         drop(done_tx);
         let (end_tx, end_rx) = bounded::<u64>(1);
-        let writer = BlobWriter::new(sink, s.digest, s.chunk_size);
         let writer = std::thread::spawn(move || write_in_order(writer, done_rx, &end_rx));
-        Ok(BlobBuilder {
-            device_id,
-            packer: FramePacker::new(s.frame_size),
+        Ok(Pool {
             seq: 0,
             jobs: Some(job_tx),
             workers,
             end: end_tx,
             writer,
-            chunks: 0,
-        })
-    }
-
-    fn add(&mut self, data: &[u8], digest: [u8; 32]) -> io::Result<ChunkIndex> {
-        let (blkaddr, sealed) = self.packer.push(data, digest).map_err(io::Error::other)?;
-        for frame in sealed {
-            self.submit(frame)?;
-        }
-        self.chunks += 1;
-        Ok(ChunkIndex {
-            device_id: self.device_id,
-            blkaddr,
         })
     }
 
@@ -142,12 +195,7 @@ impl BlobBuilder {
             .map_err(|_| io::Error::other("compression workers stopped"))
     }
 
-    fn finish(mut self) -> io::Result<(Box<dyn BlobSink>, BlobSummary)> {
-        let packer = std::mem::replace(&mut self.packer, FramePacker::new(1));
-        let (last, size) = packer.finish();
-        if let Some(frame) = last {
-            self.submit(frame)?;
-        }
+    fn finish(mut self, size: u64) -> io::Result<(Box<dyn BlobSink>, BlobSummary)> {
         drop(self.jobs.take());
         for w in self.workers {
             w.join()

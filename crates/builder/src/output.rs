@@ -12,9 +12,10 @@ use serde_json::{Value, json};
 use crate::merge::MergeTree;
 use crate::{BuildError, BuildOptions, chunker::Chunker};
 
-/// zstd level for the bootstrap: it is small and fetched on every mount,
-/// so spend time making it smaller.
-const BOOTSTRAP_ZSTD_LEVEL: i32 = 19;
+/// zstd level for the bootstrap: it is fetched first on every mount, so it
+/// is worth more effort than chunks, but level 19 costs seconds for large
+/// trees (4 s for 50k entries here) to save 8%; 9 takes 0.2 s.
+const BOOTSTRAP_ZSTD_LEVEL: i32 = 9;
 
 /// A blob of the parent image and the layout holding it.
 #[derive(Debug)]
@@ -100,7 +101,7 @@ pub(crate) fn write_image(
                 .iter()
                 .filter(|c| !c.is_hole())
                 .map(|c| c.device_id),
-        )
+        );
     });
     let mut map = vec![0u16; all.len() + 1];
     let mut kept = Vec::new();

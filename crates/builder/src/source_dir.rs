@@ -35,9 +35,10 @@ pub(crate) fn add_dir(
     )
     .map_err(io_err("open", root_bytes))?;
     let st = rustix::fs::fstat(&fd).map_err(io_err("stat", root_bytes))?;
-    let xattrs = read_xattrs(fd.as_fd(), None, root_bytes)?;
+    let xattrs = read_xattrs(XattrTarget::Fd(fd.as_fd()), root_bytes)?;
     tree.set_root_meta(meta_of(&st, xattrs, root_bytes)?);
     let mut links: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
+    let mut buf = Vec::new();
     let names = list(&fd, root_bytes)?;
     let mut stack = vec![Level {
         fd,
@@ -54,11 +55,8 @@ pub(crate) fn add_dir(
         let mut path = top.path.clone();
         path.push(b'/');
         path.extend_from_slice(&name);
-        let dir = top
-            .fd
-            .try_clone()
-            .map_err(|e| BuildError::io("dup", &path, e))?;
-        let st = rustix::fs::statat(&dir, &name[..], AtFlags::SYMLINK_NOFOLLOW)
+        let dir = top.fd.as_fd();
+        let st = rustix::fs::statat(dir, &name[..], AtFlags::SYMLINK_NOFOLLOW)
             .map_err(io_err("stat", &path))?;
         let file_type = FileType::from_raw_mode(st.st_mode);
         if file_type != FileType::Directory && st.st_nlink > 1 {
@@ -70,19 +68,12 @@ pub(crate) fn add_dir(
             }
             links.insert(key, path.clone());
         }
-        let xattrs = read_xattrs(dir.as_fd(), Some(&name), &path)?;
-        let meta = meta_of(&st, xattrs, &path)?;
         let kind = match file_type {
             FileType::Directory => {
+                let fd = open_at(dir, &name, OFlags::DIRECTORY, &path)?;
+                let meta = meta_of(&st, read_xattrs(XattrTarget::Fd(fd.as_fd()), &path)?, &path)?;
                 tree.put(&path, meta, NodeKind::Dir(Vec::new()))
                     .map_err(|e| BuildError::merge(e, "directory source"))?;
-                let fd = rustix::fs::openat(
-                    &dir,
-                    &name[..],
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io_err("open", &path))?;
                 let names = list(&fd, &path)?;
                 stack.push(Level {
                     fd,
@@ -93,19 +84,19 @@ pub(crate) fn add_dir(
                 continue;
             }
             FileType::RegularFile => {
-                let fd = rustix::fs::openat(
-                    &dir,
-                    &name[..],
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(io_err("open", &path))?;
-                let data = chunk_file(chunker, &fd, st.st_size as u64, &path)?;
+                let fd = open_at(dir, &name, OFlags::empty(), &path)?;
+                let meta = meta_of(&st, read_xattrs(XattrTarget::Fd(fd.as_fd()), &path)?, &path)?;
+                // Only a file with fewer blocks than bytes can have holes.
+                let sparse = (st.st_blocks as u64).saturating_mul(512) < st.st_size as u64;
+                let data = chunk_file(chunker, &fd, st.st_size as u64, sparse, &path, &mut buf)?;
                 progress.add_bytes(data.size);
-                NodeKind::File(data)
+                tree.put(&path, meta, NodeKind::File(data))
+                    .map_err(|e| BuildError::merge(e, "directory source"))?;
+                progress.add_file();
+                continue;
             }
             FileType::Symlink => {
-                let target = rustix::fs::readlinkat(&dir, &name[..], Vec::new())
+                let target = rustix::fs::readlinkat(dir, &name[..], Vec::new())
                     .map_err(io_err("readlink", &path))?;
                 NodeKind::Symlink(target.into_bytes())
             }
@@ -124,6 +115,7 @@ pub(crate) fn add_dir(
                 });
             }
         };
+        let meta = meta_of(&st, read_xattrs(XattrTarget::At(dir, &name), &path)?, &path)?;
         tree.put(&path, meta, kind)
             .map_err(|e| BuildError::merge(e, "directory source"))?;
         progress.add_file();
@@ -170,24 +162,43 @@ fn meta_of(st: &Stat, xattrs: Vec<Xattr>, path: &[u8]) -> Result<Meta, BuildErro
     })
 }
 
-/// Reads all xattrs of `dir` itself (`name` = None) or of `name` inside it,
-/// without following symlinks.
-fn read_xattrs(
-    dir: BorrowedFd<'_>,
-    name: Option<&[u8]>,
-    path: &[u8],
-) -> Result<Vec<Xattr>, BuildError> {
-    let target = {
-        let mut p = format!("/proc/self/fd/{}", dir.as_raw_fd()).into_bytes();
-        if let Some(n) = name {
-            p.push(b'/');
-            p.extend_from_slice(n);
+/// What to read xattrs of: an open file, or a name in a directory (for
+/// symlinks and special files, which cannot be opened safely).
+#[derive(Clone, Copy)]
+enum XattrTarget<'a> {
+    Fd(BorrowedFd<'a>),
+    At(BorrowedFd<'a>, &'a [u8]),
+}
+
+impl XattrTarget<'_> {
+    fn list(&self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrTarget::Fd(fd) => rustix::fs::flistxattr(fd, buf),
+            XattrTarget::At(dir, name) => rustix::fs::llistxattr(proc_path(*dir, name), buf),
         }
-        p
-    };
-    let mut list = vec![0u8; 4096];
+    }
+
+    fn get(&self, key: &[u8], buf: &mut [u8]) -> rustix::io::Result<usize> {
+        match self {
+            XattrTarget::Fd(fd) => rustix::fs::fgetxattr(fd, key, buf),
+            XattrTarget::At(dir, name) => rustix::fs::lgetxattr(proc_path(*dir, name), key, buf),
+        }
+    }
+}
+
+/// A path that reaches `name` in `dir` whatever the length of dir's path.
+fn proc_path(dir: BorrowedFd<'_>, name: &[u8]) -> Vec<u8> {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
+    p.extend_from_slice(name);
+    p
+}
+
+/// Reads all xattrs of `target`, sorted by name, refusing namespaces a
+/// Darter image cannot hold (rather than silently dropping them).
+fn read_xattrs(target: XattrTarget<'_>, path: &[u8]) -> Result<Vec<Xattr>, BuildError> {
+    let mut list = vec![0u8; 1024];
     let n = loop {
-        match rustix::fs::llistxattr(&target[..], &mut list[..]) {
+        match target.list(&mut list) {
             Ok(n) => break n,
             Err(Errno::RANGE) => list.resize(list.len() * 4, 0),
             Err(Errno::NOTSUP) => return Ok(Vec::new()),
@@ -207,7 +218,7 @@ fn read_xattrs(
         }
         let mut value = vec![0u8; 256];
         let len = loop {
-            match rustix::fs::lgetxattr(&target[..], key, &mut value[..]) {
+            match target.get(key, &mut value) {
                 Ok(len) => break len,
                 Err(Errno::RANGE) => value.resize(value.len() * 4, 0),
                 Err(e) => return Err(BuildError::io("read xattr of", path, e.into())),
@@ -220,23 +231,37 @@ fn read_xattrs(
     Ok(out)
 }
 
+fn open_at(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    extra: OFlags,
+    path: &[u8],
+) -> Result<OwnedFd, BuildError> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | extra;
+    rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(io_err("open", path))
+}
+
 /// Chunks a regular file, finding holes with `SEEK_DATA`/`SEEK_HOLE` so a
 /// sparse file of many GiB costs only its data.
 fn chunk_file(
     chunker: &mut Chunker,
     fd: &OwnedFd,
     size: u64,
+    sparse: bool,
     path: &[u8],
+    buf: &mut Vec<u8>,
 ) -> Result<FileData, BuildError> {
     let chunk_size = u64::from(chunker.settings().chunk_size);
     let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size) as usize);
-    let mut buf = vec![0u8; chunk_size as usize];
+    buf.resize(chunk_size as usize, 0);
     // [data_start, data_end): the data extent known around the cursor.
     let (mut data_start, mut data_end) = (0u64, 0u64);
     let mut offset = 0u64;
     while offset < size {
         let len = (size - offset).min(chunk_size);
-        if offset >= data_end {
+        if !sparse {
+            (data_start, data_end) = (0, size);
+        } else if offset >= data_end {
             (data_start, data_end) =
                 next_data_extent(fd, offset, size).map_err(io_err("seek in", path))?;
         }

@@ -197,18 +197,16 @@ impl ChunkTable {
             .ok()
     }
 
-    /// Indexes of all chunks that share the frame of chunk `index`.
-    pub fn frame_members(&self, index: usize) -> Range<usize> {
-        let offset = self.records[index].compressed_offset;
-        let mut start = index;
-        while start > 0 && self.records[start - 1].compressed_offset == offset {
-            start -= 1;
-        }
-        let mut end = index + 1;
-        while end < self.records.len() && self.records[end].compressed_offset == offset {
-            end += 1;
-        }
-        start..end
+    /// Indexes of the chunks in the frame stored at `compressed_offset`.
+    /// (Validation guarantees frame offsets increase with record order.)
+    pub fn frame_at(&self, compressed_offset: u64) -> Option<Range<usize>> {
+        let start = self
+            .records
+            .partition_point(|r| r.compressed_offset < compressed_offset);
+        let end = self
+            .records
+            .partition_point(|r| r.compressed_offset <= compressed_offset);
+        (start < end).then_some(start..end)
     }
 
     /// Encodes the raw (uncompressed) table.
@@ -749,8 +747,9 @@ mod tests {
         let recs = table.records();
         assert_eq!(recs[0].compressed_offset, recs[1].compressed_offset);
         assert_ne!(recs[1].compressed_offset, recs[2].compressed_offset);
-        assert_eq!(table.frame_members(1), 0..2);
-        assert_eq!(table.frame_members(2), 2..3);
+        assert_eq!(table.frame_at(recs[1].compressed_offset), Some(0..2));
+        assert_eq!(table.frame_at(recs[3].compressed_offset), Some(3..4));
+        assert_eq!(table.frame_at(1), None);
         // Every chunk decompresses back to its input through its frame.
         for (i, data) in chunks.iter().enumerate() {
             let r = &recs[i];

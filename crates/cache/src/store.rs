@@ -1,0 +1,642 @@
+//! The chunk store: file reads served from memory, the disk cache or the
+//! backend, with merged, parallel, single-flight fetches.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use darter_format::Digest;
+use darter_format::blob::{BLOCK_BITS, ChunkRecord};
+use darter_format::compress::decompress;
+use darter_format::erofs::Inode;
+use darter_image::{BlobSource, ChunkLocation, Image, ImageError};
+use darter_oci::OciDigest;
+
+use crate::disk::{CacheDir, CacheError};
+use crate::memory::MemoryLru;
+use crate::stats::{Stats, StatsSnapshot};
+
+/// Tuning of a [`ChunkStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Bytes of verified chunks kept in memory.
+    pub memory_bytes: usize,
+    /// Largest merged backend request.
+    pub merge_limit: u64,
+    /// Largest gap between frames bridged by one request (the gap is
+    /// fetched and thrown away; a request costs more than a few KiB).
+    pub merge_gap: u64,
+    /// On a miss, also fetch the file's following chunks up to this many
+    /// bytes past the read, in the same requests.
+    pub readahead: u64,
+    /// Backend requests one read may have in flight at once.
+    pub parallel: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            memory_bytes: 16 << 20,
+            merge_limit: 4 << 20,
+            merge_gap: 16 << 10,
+            readahead: 1 << 20,
+            parallel: 4,
+        }
+    }
+}
+
+/// Why a read failed. The FUSE layer answers all of these with EIO.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum ReadError {
+    /// Metadata or chunk table problems.
+    #[error("{0}")]
+    Image(Arc<ImageError>),
+    /// The backend failed (after its own retries).
+    #[error("fetching blob {blob} bytes {start}..{end}: {detail}")]
+    Backend {
+        /// Blob digest.
+        blob: String,
+        /// Range start.
+        start: u64,
+        /// Range end.
+        end: u64,
+        /// What happened.
+        detail: String,
+    },
+    /// A chunk failed verification (or its frame would not decompress).
+    #[error("blob {blob}, chunk {chunk}: {detail}")]
+    Verify {
+        /// Blob digest.
+        blob: String,
+        /// Chunk index in the blob's table.
+        chunk: usize,
+        /// What happened.
+        detail: String,
+    },
+}
+
+impl From<ImageError> for ReadError {
+    fn from(e: ImageError) -> Self {
+        ReadError::Image(Arc::new(e))
+    }
+}
+
+impl From<darter_format::erofs::ReadError> for ReadError {
+    fn from(e: darter_format::erofs::ReadError) -> Self {
+        ReadError::Image(Arc::new(ImageError::Metadata(e)))
+    }
+}
+
+type FrameKey = (usize, u64);
+type ChunkResult = Result<Arc<Vec<u8>>, ReadError>;
+
+/// The outcome of fetching one frame: every chunk in it, verified.
+type FrameResult = Result<Arc<HashMap<usize, ChunkResult>>, ReadError>;
+
+/// A fetch in progress that other readers of the same frame wait on.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<FrameResult>>,
+    done: Condvar,
+}
+
+impl Flight {
+    fn finish(&self, r: FrameResult) {
+        *self.result.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> FrameResult {
+        let mut guard = self.result.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = guard.as_ref() {
+                return r.clone();
+            }
+            guard = self.done.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A chunk to be read: where it is and its record.
+#[derive(Debug, Clone, Copy)]
+struct Wanted {
+    loc: ChunkLocation,
+    record: ChunkRecord,
+}
+
+/// Serves file bytes of one image.
+pub struct ChunkStore<S> {
+    image: Arc<Image<S>>,
+    disk: Option<CacheDir>,
+    memory: Mutex<MemoryLru>,
+    flights: Mutex<HashMap<FrameKey, Arc<Flight>>>,
+    stats: Stats,
+    opts: StoreOptions,
+    demand: Mutex<usize>,
+    idle: Condvar,
+    stop: AtomicBool,
+}
+
+impl<S> std::fmt::Debug for ChunkStore<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkStore")
+            .field("opts", &self.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: BlobSource> ChunkStore<S> {
+    /// A store for `image`, caching chunks in `disk` if given.
+    pub fn new(image: Arc<Image<S>>, disk: Option<CacheDir>, opts: StoreOptions) -> Self {
+        ChunkStore {
+            image,
+            disk,
+            memory: Mutex::new(MemoryLru::new(opts.memory_bytes)),
+            flights: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            opts,
+            demand: Mutex::new(0),
+            idle: Condvar::new(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<Image<S>> {
+        &self.image
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut s = self.stats.snapshot();
+        s.image_bytes = self
+            .image
+            .blobs()
+            .iter()
+            .map(|b| b.trailer.table_offset)
+            .sum();
+        s
+    }
+
+    /// Asks a running prefetch to stop.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.idle.notify_all();
+    }
+
+    /// Reads up to `len` bytes at `offset` of a regular file. `path` names
+    /// the file in log messages.
+    pub fn read_file(
+        &self,
+        inode: &Inode,
+        offset: u64,
+        len: u64,
+        path: &dyn Fn() -> String,
+    ) -> Result<Vec<u8>, ReadError> {
+        if offset >= inode.size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = inode.size.min(offset.saturating_add(len));
+        let cs = self.image.bootstrap().chunk_size();
+        let mut out = vec![0u8; (end - offset) as usize];
+        let mut wanted = Vec::new();
+        for n in offset / cs..=(end - 1) / cs {
+            if let Some(w) = self.wanted(inode, n)? {
+                wanted.push((n, w));
+            }
+        }
+        let mut found: HashMap<ChunkLocation, Arc<Vec<u8>>> = HashMap::new();
+        let mut missing = Vec::new();
+        for &(_, w) in &wanted {
+            match self.cached(&w) {
+                Some(data) => {
+                    found.insert(w.loc, data);
+                }
+                None => missing.push(w),
+            }
+        }
+        if !missing.is_empty() {
+            Stats::add(&self.stats.cache_misses, missing.len() as u64);
+            let ahead = self.readahead(inode, (end - 1) / cs + 1, end);
+            let fetched = self.fetch_demand(&missing, &ahead)?;
+            for w in &missing {
+                let data = self
+                    .take(&fetched, w)
+                    .map_err(|e| self.log_failure(e, path))?;
+                found.insert(w.loc, data);
+            }
+        }
+        for (n, w) in wanted {
+            let data = &found[&w.loc];
+            let chunk_start = n * cs;
+            let from = offset.max(chunk_start);
+            let to = end.min(chunk_start + data.len() as u64);
+            if to > from {
+                out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
+                    &data[(from - chunk_start) as usize..(to - chunk_start) as usize],
+                );
+            }
+        }
+        Stats::add(&self.stats.read_bytes, out.len() as u64);
+        Ok(out)
+    }
+
+    fn log_failure(&self, e: ReadError, path: &dyn Fn() -> String) -> ReadError {
+        tracing::error!(file = %path(), error = %e, "read failed");
+        e
+    }
+
+    fn wanted(&self, inode: &Inode, n: u64) -> Result<Option<Wanted>, ReadError> {
+        let idx = self.image.bootstrap().erofs().chunk_index(inode, n)?;
+        if idx.is_hole() {
+            return Ok(None);
+        }
+        let loc = self.image.locate(idx)?;
+        let record = self.image.record(loc)?;
+        let cs = self.image.bootstrap().chunk_size();
+        let needed = (inode.size - n * cs).min(cs);
+        if u64::from(record.size) != needed {
+            return Err(ImageError::ChunkSize {
+                digest: self.blob_name(loc.blob),
+                index: loc.index,
+                size: record.size,
+                needed,
+            }
+            .into());
+        }
+        Ok(Some(Wanted { loc, record }))
+    }
+
+    fn digest(&self, w: &Wanted) -> Digest {
+        Digest::new(self.image.bootstrap().info().digest_algo, w.record.digest)
+    }
+
+    fn blob_name(&self, blob: usize) -> String {
+        self.image.blobs()[blob].oci_digest()
+    }
+
+    /// Looks in memory, then on disk (verifying; a corrupt file is dropped).
+    fn cached(&self, w: &Wanted) -> Option<Arc<Vec<u8>>> {
+        let digest = self.digest(w);
+        if let Some(data) = self
+            .memory
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+        {
+            Stats::add(&self.stats.cache_hits, 1);
+            return Some(data);
+        }
+        let disk = self.disk.as_ref()?;
+        match disk.get(&digest, w.record.size as usize) {
+            Ok(Some(data)) => {
+                Stats::add(&self.stats.cache_hits, 1);
+                let data = Arc::new(data);
+                self.memory
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(digest, data.clone());
+                Some(data)
+            }
+            Ok(None) => None,
+            Err(e @ CacheError::Corrupt { .. }) => {
+                Stats::add(&self.stats.verify_failures, 1);
+                tracing::warn!(blob = %self.blob_name(w.loc.blob), chunk = w.loc.index, error = %e, "dropped corrupt cached chunk; fetching it again");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "disk cache unavailable for this chunk");
+                None
+            }
+        }
+    }
+
+    /// The file's chunks after `from_chunk`, up to the read-ahead window,
+    /// that are not cached yet.
+    fn readahead(&self, inode: &Inode, from_chunk: u64, end: u64) -> Vec<Wanted> {
+        let cs = self.image.bootstrap().chunk_size();
+        let limit = inode.size.min(end.saturating_add(self.opts.readahead));
+        let mut out = Vec::new();
+        let mut n = from_chunk;
+        while n * cs < limit && n < inode.chunk_count(BLOCK_BITS) {
+            if let Ok(Some(w)) = self.wanted(inode, n) {
+                let cached_on_disk = self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.contains(&self.digest(&w)));
+                if !cached_on_disk {
+                    out.push(w);
+                }
+            }
+            n += 1;
+        }
+        out
+    }
+
+    fn take(&self, fetched: &HashMap<FrameKey, FrameResult>, w: &Wanted) -> ChunkResult {
+        let key = (w.loc.blob, w.record.compressed_offset);
+        let frame = fetched.get(&key).cloned().unwrap_or_else(|| {
+            Err(ReadError::Verify {
+                blob: self.blob_name(w.loc.blob),
+                chunk: w.loc.index,
+                detail: "frame was not fetched".into(),
+            })
+        })?;
+        frame.get(&w.loc.index).cloned().unwrap_or_else(|| {
+            Err(ReadError::Verify {
+                blob: self.blob_name(w.loc.blob),
+                chunk: w.loc.index,
+                detail: "chunk missing from its frame".into(),
+            })
+        })
+    }
+
+    /// Fetches for a reader: marks demand so the prefetcher steps aside.
+    fn fetch_demand(
+        &self,
+        missing: &[Wanted],
+        ahead: &[Wanted],
+    ) -> Result<HashMap<FrameKey, FrameResult>, ReadError> {
+        *self.demand.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        let frames: BTreeSet<FrameKey> = missing
+            .iter()
+            .chain(ahead)
+            .map(|w| (w.loc.blob, w.record.compressed_offset))
+            .collect();
+        let result = self.fetch(&frames, true);
+        let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+        *demand -= 1;
+        if *demand == 0 {
+            self.idle.notify_all();
+        }
+        Ok(result)
+    }
+
+    /// Fetches `frames`, joining fetches already in flight and merging the
+    /// rest into as few ranged requests as the limits allow, run in parallel.
+    fn fetch(
+        &self,
+        frames: &BTreeSet<FrameKey>,
+        keep_in_memory: bool,
+    ) -> HashMap<FrameKey, FrameResult> {
+        let mut mine = Vec::new();
+        let mut theirs = Vec::new();
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            for &key in frames {
+                match flights.get(&key) {
+                    Some(f) => theirs.push((key, f.clone())),
+                    None => {
+                        let f = Arc::new(Flight::default());
+                        flights.insert(key, f.clone());
+                        mine.push((key, f));
+                    }
+                }
+            }
+        }
+        let ranges = self.merge(&mine);
+        let parallel = self.opts.parallel.max(1);
+        let mut results: HashMap<FrameKey, FrameResult> = HashMap::new();
+        for batch in ranges.chunks(parallel) {
+            let done: Vec<Vec<(FrameKey, FrameResult)>> = std::thread::scope(|s| {
+                let handles: Vec<_> = batch
+                    .iter()
+                    .map(|r| s.spawn(move || self.fetch_range(r, keep_in_memory)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_default())
+                    .collect()
+            });
+            for (key, r) in done.into_iter().flatten() {
+                results.insert(key, r);
+            }
+        }
+        {
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, flight) in &mine {
+                let r = results.get(key).cloned().unwrap_or_else(|| {
+                    Err(ReadError::Backend {
+                        blob: self.blob_name(key.0),
+                        start: key.1,
+                        end: key.1,
+                        detail: "fetch worker failed".into(),
+                    })
+                });
+                flight.finish(r);
+                flights.remove(key);
+            }
+        }
+        for (key, flight) in theirs {
+            results.insert(key, flight.wait());
+        }
+        results
+    }
+
+    /// Groups frames into ranged requests: same blob, gaps at most
+    /// `merge_gap`, total at most `merge_limit` (a bigger frame goes alone).
+    fn merge(&self, frames: &[(FrameKey, Arc<Flight>)]) -> Vec<FetchRange> {
+        let mut out: Vec<FetchRange> = Vec::new();
+        for ((blob, offset), _) in frames {
+            let Ok(table) = self.image.chunk_table(*blob) else {
+                continue;
+            };
+            let Some(members) = table.frame_at(*offset) else {
+                continue;
+            };
+            let size = u64::from(table.records()[members.start].compressed_size);
+            let extends = out.last().is_some_and(|r: &FetchRange| {
+                r.blob == *blob
+                    && *offset >= r.end
+                    && *offset - r.end <= self.opts.merge_gap
+                    && offset + size - r.start <= self.opts.merge_limit
+            });
+            if extends {
+                let last = out.last_mut().expect("checked above");
+                last.end = offset + size;
+                last.frames.push(*offset);
+            } else {
+                out.push(FetchRange {
+                    blob: *blob,
+                    start: *offset,
+                    end: offset + size,
+                    frames: vec![*offset],
+                });
+            }
+        }
+        out
+    }
+
+    /// One backend request: read, split into frames, decompress and verify
+    /// each chunk, store verified chunks.
+    fn fetch_range(
+        &self,
+        range: &FetchRange,
+        keep_in_memory: bool,
+    ) -> Vec<(FrameKey, FrameResult)> {
+        let entry = &self.image.blobs()[range.blob];
+        let digest = OciDigest::from_bytes(entry.blob_digest);
+        Stats::add(&self.stats.backend_requests, 1);
+        let bytes = match self.image.source().read_range(
+            &digest,
+            range.start,
+            range.end - range.start,
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(blob = %digest, start = range.start, end = range.end, error = %e, "backend read failed");
+                let err = ReadError::Backend {
+                    blob: digest.to_string(),
+                    start: range.start,
+                    end: range.end,
+                    detail: e.to_string(),
+                };
+                return range
+                    .frames
+                    .iter()
+                    .map(|&f| ((range.blob, f), Err(err.clone())))
+                    .collect();
+            }
+        };
+        Stats::add(&self.stats.backend_bytes, bytes.len() as u64);
+        if !keep_in_memory {
+            Stats::add(&self.stats.prefetch_bytes, bytes.len() as u64);
+        }
+        range
+            .frames
+            .iter()
+            .map(|&f| {
+                (
+                    (range.blob, f),
+                    self.open_frame(range, &bytes, f, keep_in_memory),
+                )
+            })
+            .collect()
+    }
+
+    fn open_frame(
+        &self,
+        range: &FetchRange,
+        bytes: &[u8],
+        offset: u64,
+        keep_in_memory: bool,
+    ) -> FrameResult {
+        let table = self.image.chunk_table(range.blob)?;
+        let blob = self.blob_name(range.blob);
+        let members = table.frame_at(offset).ok_or_else(|| ReadError::Verify {
+            blob: blob.clone(),
+            chunk: 0,
+            detail: format!("no frame at offset {offset}"),
+        })?;
+        let first = table.records()[members.start];
+        let at = (offset - range.start) as usize;
+        let stored = &bytes[at..at + first.compressed_size as usize];
+        let frame = decompress(first.compression, stored, first.frame_size as usize).map_err(|e| {
+            Stats::add(&self.stats.verify_failures, 1);
+            tracing::error!(blob = %blob, chunk = members.start, offset, error = %e, "frame does not decompress");
+            ReadError::Verify { blob: blob.clone(), chunk: members.start, detail: e.to_string() }
+        })?;
+        Stats::add(&self.stats.decompressed_bytes, frame.len() as u64);
+        let mut chunks = HashMap::new();
+        for index in members {
+            let r = table.records()[index];
+            let data = &frame[r.range_in_frame()];
+            let digest = table.digest(index);
+            let result = if digest.matches(data) {
+                let data = Arc::new(data.to_vec());
+                if let Some(disk) = &self.disk
+                    && let Err(e) = disk.put(&digest, &data)
+                {
+                    tracing::warn!(error = %e, "cannot write to the disk cache");
+                }
+                if keep_in_memory {
+                    self.memory
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(digest, data.clone());
+                }
+                Ok(data)
+            } else {
+                Stats::add(&self.stats.verify_failures, 1);
+                tracing::error!(blob = %blob, chunk = index, expected = %digest, "chunk digest mismatch: refusing to serve it");
+                Err(ReadError::Verify {
+                    blob: blob.clone(),
+                    chunk: index,
+                    detail: format!("digest mismatch (expected {digest})"),
+                })
+            };
+            chunks.insert(index, result);
+        }
+        Ok(Arc::new(chunks))
+    }
+
+    /// Fetches every chunk not yet on disk, in large requests, yielding to
+    /// on-demand reads. Runs until done or [`Self::stop`].
+    pub fn prefetch_all(&self) {
+        for blob in 0..self.image.blobs().len() {
+            let table = match self.image.chunk_table(blob) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "prefetch: chunk table unavailable");
+                    continue;
+                }
+            };
+            let mut batch = BTreeSet::new();
+            let mut batch_bytes = 0u64;
+            let mut last_frame = None;
+            for (index, r) in table.records().iter().enumerate() {
+                if last_frame == Some(r.compressed_offset) {
+                    continue;
+                }
+                last_frame = Some(r.compressed_offset);
+                let cached = self
+                    .disk
+                    .as_ref()
+                    .is_some_and(|d| d.contains(&table.digest(index)));
+                if cached {
+                    continue;
+                }
+                batch.insert((blob, r.compressed_offset));
+                batch_bytes += u64::from(r.compressed_size);
+                if batch_bytes >= self.opts.merge_limit {
+                    if !self.prefetch_batch(&std::mem::take(&mut batch)) {
+                        return;
+                    }
+                    batch_bytes = 0;
+                }
+            }
+            if !batch.is_empty() && !self.prefetch_batch(&batch) {
+                return;
+            }
+        }
+    }
+
+    /// Waits for on-demand reads to finish, then fetches `batch`. Returns
+    /// false if asked to stop.
+    fn prefetch_batch(&self, batch: &BTreeSet<FrameKey>) -> bool {
+        {
+            let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
+            while *demand > 0 && !self.stop.load(Ordering::Relaxed) {
+                demand = self.idle.wait(demand).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        if self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        for (key, r) in self.fetch(batch, false) {
+            if let Err(e) = r {
+                tracing::warn!(blob = %self.blob_name(key.0), offset = key.1, error = %e, "prefetch failed for a frame");
+            }
+        }
+        true
+    }
+}
+
+/// One ranged backend request covering whole frames.
+#[derive(Debug, Clone)]
+struct FetchRange {
+    blob: usize,
+    start: u64,
+    end: u64,
+    frames: Vec<u64>,
+}
