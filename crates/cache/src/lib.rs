@@ -19,5 +19,5 @@ mod stats;
 mod store;
 
 pub use disk::{CacheDir, CacheError, GcReport, default_cache_dir};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{Counted, Stats, StatsSnapshot};
 pub use store::{ChunkStore, ReadError, StoreOptions};

@@ -59,3 +59,36 @@ impl Stats {
         }
     }
 }
+
+/// A blob source that counts the requests and bytes it serves, so the
+/// counters cover everything fetched: bootstrap and chunk tables included.
+#[derive(Debug)]
+pub struct Counted<S> {
+    inner: S,
+    stats: std::sync::Arc<Stats>,
+}
+
+impl<S> Counted<S> {
+    /// Wraps `inner`, counting into `stats`.
+    pub fn new(inner: S, stats: std::sync::Arc<Stats>) -> Self {
+        Counted { inner, stats }
+    }
+}
+
+impl<S: darter_image::BlobSource> darter_image::BlobSource for Counted<S> {
+    fn read_range(
+        &self,
+        digest: &darter_oci::OciDigest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, darter_image::SourceError> {
+        Stats::add(&self.stats.backend_requests, 1);
+        let data = self.inner.read_range(digest, offset, len)?;
+        Stats::add(&self.stats.backend_bytes, data.len() as u64);
+        Ok(data)
+    }
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+}

@@ -130,7 +130,7 @@ pub struct ChunkStore<S> {
     disk: Option<CacheDir>,
     memory: Mutex<MemoryLru>,
     flights: Mutex<HashMap<FrameKey, Arc<Flight>>>,
-    stats: Stats,
+    stats: Arc<Stats>,
     opts: StoreOptions,
     demand: Mutex<usize>,
     idle: Condvar,
@@ -146,14 +146,21 @@ impl<S> std::fmt::Debug for ChunkStore<S> {
 }
 
 impl<S: BlobSource> ChunkStore<S> {
-    /// A store for `image`, caching chunks in `disk` if given.
-    pub fn new(image: Arc<Image<S>>, disk: Option<CacheDir>, opts: StoreOptions) -> Self {
+    /// A store for `image`, caching chunks in `disk` if given. `stats`
+    /// should be the counters of the image's [`crate::Counted`] source, so
+    /// backend traffic is counted where it happens.
+    pub fn new(
+        image: Arc<Image<S>>,
+        disk: Option<CacheDir>,
+        opts: StoreOptions,
+        stats: Arc<Stats>,
+    ) -> Self {
         ChunkStore {
             image,
             disk,
             memory: Mutex::new(MemoryLru::new(opts.memory_bytes)),
             flights: Mutex::new(HashMap::new()),
-            stats: Stats::default(),
+            stats,
             opts,
             demand: Mutex::new(0),
             idle: Condvar::new(),
@@ -476,7 +483,6 @@ impl<S: BlobSource> ChunkStore<S> {
     ) -> Vec<(FrameKey, FrameResult)> {
         let entry = &self.image.blobs()[range.blob];
         let digest = OciDigest::from_bytes(entry.blob_digest);
-        Stats::add(&self.stats.backend_requests, 1);
         let bytes = match self.image.source().read_range(
             &digest,
             range.start,
@@ -498,7 +504,6 @@ impl<S: BlobSource> ChunkStore<S> {
                     .collect();
             }
         };
-        Stats::add(&self.stats.backend_bytes, bytes.len() as u64);
         if !keep_in_memory {
             Stats::add(&self.stats.prefetch_bytes, bytes.len() as u64);
         }

@@ -35,6 +35,68 @@ pub enum Command {
     Unpack(UnpackArgs),
     /// Write an image as plain EROFS (bootstrap + device images) for fsck.erofs and the kernel.
     Export(ExportArgs),
+    /// Mount an image read-only, fetching only the chunks that are read.
+    Mount(MountArgs),
+    /// Show a mount's live counters.
+    Stats(StatsArgs),
+    /// Manage the shared chunk cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+/// `darter mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The image: oci:PATH[:TAG].
+    pub image: String,
+    /// Where to mount it (an existing directory).
+    pub mountpoint: PathBuf,
+    /// Chunk cache directory, shared by all mounts (default /var/cache/darter for root, ~/.cache/darter otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Prefetch: none (default) or all (fill the cache in the background; reads go first).
+    #[arg(long, value_name = "MODE")]
+    pub prefetch: Option<String>,
+    /// Return once the mount is ready, leaving the daemon running.
+    #[arg(short = 'd', long)]
+    pub daemon: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// FUSE request threads (default 4).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+/// `darter stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// A mountpoint served by `darter mount`.
+    pub mountpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `darter cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Remove least recently used chunks until the cache fits in SIZE (safe while mounts run).
+    Gc(CacheGcArgs),
+}
+
+/// `darter cache gc`.
+#[derive(Debug, Args)]
+pub struct CacheGcArgs {
+    /// Largest size to keep, e.g. 10G.
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: String,
+    /// Cache directory (default as for `mount`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `darter build`.

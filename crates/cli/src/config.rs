@@ -13,6 +13,23 @@ pub struct Config {
     /// Defaults for `darter build`.
     #[serde(default)]
     pub build: BuildConfig,
+    /// Defaults for `darter mount`.
+    #[serde(default)]
+    pub mount: MountConfig,
+}
+
+/// `[mount]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    /// Chunk cache directory.
+    pub cache: Option<PathBuf>,
+    /// none or all.
+    pub prefetch: Option<String>,
+    /// Prometheus metrics address.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// FUSE request threads.
+    pub threads: Option<usize>,
 }
 
 /// `[build]`.

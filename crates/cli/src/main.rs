@@ -38,7 +38,8 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DARTER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        // fuser warns about its own unmount racing ours; its errors still show.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},fuser=error")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

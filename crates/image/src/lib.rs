@@ -28,13 +28,22 @@ pub use inspect::{BlobStats, ImageStats, inspect};
 pub use source::{BlobSource, LayoutBlobs, SourceError};
 pub use unpack::{UnpackReport, unpack};
 
-use darter_oci::{LayoutRef, OciLayout};
+use darter_oci::{ImageManifest, LayoutRef, OciDigest, OciLayout};
 
-/// Opens the Darter image `reference` names in a local OCI layout.
-pub fn open_layout(reference: &LayoutRef) -> Result<Image<LayoutBlobs>, ImageError> {
+/// Finds the manifest `reference` names in a local OCI layout: its
+/// digest, the manifest, and the layout's blobs, ready for [`Image::open`].
+pub fn resolve_layout(
+    reference: &LayoutRef,
+) -> Result<(OciDigest, ImageManifest, LayoutBlobs), ImageError> {
     let layout = OciLayout::open(&reference.path)?;
     let desc = layout.resolve(reference.tag.as_deref())?;
     let (desc, manifest) = layout.read_manifest(&desc, None)?;
     let digest = darter_oci::descriptor_digest(&desc)?;
-    Image::open(digest, manifest, LayoutBlobs::new(layout))
+    Ok((digest, manifest, LayoutBlobs::new(layout)))
+}
+
+/// Opens the Darter image `reference` names in a local OCI layout.
+pub fn open_layout(reference: &LayoutRef) -> Result<Image<LayoutBlobs>, ImageError> {
+    let (digest, manifest, blobs) = resolve_layout(reference)?;
+    Image::open(digest, manifest, blobs)
 }

@@ -2,9 +2,12 @@
 //! calls and prints the result.
 
 mod build;
+mod cache;
 mod check;
 mod export;
 mod inspect;
+mod mount;
+mod stats;
 mod unpack;
 
 use anyhow::Context as _;
@@ -30,6 +33,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Check(a) => check::run(&a),
         Command::Unpack(a) => unpack::run(&a),
         Command::Export(a) => export::run(&a),
+        Command::Mount(a) => mount::run(&a, &config.mount),
+        Command::Stats(a) => stats::run(&a),
+        Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
     }
 }
 

@@ -1,0 +1,132 @@
+//! `darter mount`.
+
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use darter_daemon::MountOptions;
+use darter_daemon::api;
+
+use crate::cli::MountArgs;
+use crate::config::MountConfig;
+
+use super::{Outcome, layout_ref};
+
+/// FUSE request threads when not configured.
+const DEFAULT_THREADS: usize = 4;
+/// How long `-d` waits for the daemon to serve (the bootstrap may come
+/// from a slow registry).
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub fn run(args: &MountArgs, config: &MountConfig) -> anyhow::Result<Outcome> {
+    let prefetch_all = match args
+        .prefetch
+        .as_deref()
+        .or(config.prefetch.as_deref())
+        .unwrap_or("none")
+    {
+        "none" => false,
+        "all" => true,
+        other => bail!("--prefetch must be none or all, not {other:?}"),
+    };
+    if let Ok(existing) = api::query_stats(&args.mountpoint) {
+        bail!(
+            "{} is already served by darter (pid {}, image {})",
+            args.mountpoint.display(),
+            existing.pid,
+            existing.image
+        );
+    }
+    let opts = MountOptions {
+        cache_dir: args
+            .cache
+            .clone()
+            .or_else(|| config.cache.clone())
+            .unwrap_or_else(darter_cache::default_cache_dir),
+        prefetch_all,
+        metrics_addr: args.metrics_addr.or(config.metrics_addr),
+        threads: args.threads.or(config.threads).unwrap_or(DEFAULT_THREADS),
+        store: darter_cache::StoreOptions::default(),
+    };
+    if args.daemon {
+        return detach(args, &opts, prefetch_all);
+    }
+    let reference = layout_ref(&args.image)?;
+    let (digest, manifest, blobs) = darter_image::resolve_layout(&reference)
+        .with_context(|| format!("opening {}", args.image))?;
+    let spec = darter_daemon::ImageSpec {
+        name: args.image.clone(),
+        digest,
+        manifest,
+        blobs,
+    };
+    darter_daemon::mount(spec, &args.mountpoint, &opts, || {})
+        .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
+    Ok(Outcome::Success)
+}
+
+/// Runs the mount as a background process and returns once it serves:
+/// the same command in the foreground, in its own process group (so the
+/// terminal's signals do not reach it), logging to a file.
+fn detach(args: &MountArgs, opts: &MountOptions, prefetch_all: bool) -> anyhow::Result<Outcome> {
+    let log_path = api::socket_path(&args.mountpoint).with_extension("log");
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding the darter executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&args.image)
+        .arg(&args.mountpoint)
+        .arg("--cache")
+        .arg(&opts.cache_dir);
+    cmd.arg("--prefetch")
+        .arg(if prefetch_all { "all" } else { "none" });
+    cmd.arg("--threads").arg(opts.threads.to_string());
+    if let Some(addr) = opts.metrics_addr {
+        cmd.arg("--metrics-addr").arg(addr.to_string());
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "the mount daemon exited ({status}) before serving:\n{}",
+                log.trim_end()
+            );
+        }
+        if api::query_stats(&args.mountpoint).is_ok_and(|r| r.pid == child.id()) {
+            println!(
+                "mounted {} at {} (pid {}, log {})",
+                args.image,
+                args.mountpoint.display(),
+                child.id(),
+                log_path.display()
+            );
+            return Ok(Outcome::Success);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!(
+                "the mount daemon did not serve {} within {:?}; see {}",
+                display(&args.mountpoint),
+                READY_TIMEOUT,
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn display(p: &Path) -> String {
+    p.display().to_string()
+}

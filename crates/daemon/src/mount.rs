@@ -1,0 +1,230 @@
+//! One mount's lifecycle.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StoreOptions};
+use darter_fuse::{DarterFs, FsOptions, prepare_mountpoint};
+use darter_image::{BlobSource, Image};
+use fuser::{MountOption, SessionACL};
+
+use crate::api::{StatsReport, socket_path};
+use crate::{http, metrics};
+
+/// How to run a mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// The shared chunk cache directory.
+    pub cache_dir: PathBuf,
+    /// Fetch the whole image in the background.
+    pub prefetch_all: bool,
+    /// Serve Prometheus metrics here.
+    pub metrics_addr: Option<SocketAddr>,
+    /// FUSE request threads.
+    pub threads: usize,
+    /// Chunk store tuning.
+    pub store: StoreOptions,
+}
+
+/// Why a mount failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The mountpoint is unusable.
+    #[error(transparent)]
+    Mountpoint(#[from] darter_fuse::MountpointError),
+    /// The cache directory is unusable.
+    #[error(transparent)]
+    Cache(#[from] darter_cache::CacheError),
+    /// The image cannot be opened.
+    #[error(transparent)]
+    Image(#[from] darter_image::ImageError),
+    /// Setting up a socket or the mount failed.
+    #[error("{op} {what}: {source}")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// On what.
+        what: String,
+        /// Error.
+        source: std::io::Error,
+    },
+}
+
+/// An image to mount, before its bootstrap is fetched: the manifest and
+/// where its blobs come from.
+#[derive(Debug)]
+pub struct ImageSpec<S> {
+    /// How the user named it (for logs, stats and the mount table).
+    pub name: String,
+    /// The manifest's digest.
+    pub digest: darter_oci::OciDigest,
+    /// The manifest.
+    pub manifest: darter_oci::ImageManifest,
+    /// The blobs.
+    pub blobs: S,
+}
+
+/// Opens `spec` (fetching the bootstrap, counted as backend traffic),
+/// mounts it at `mountpoint` and serves it until it is unmounted or the
+/// process gets SIGINT/SIGTERM (which unmount cleanly). `ready` runs once
+/// the mount answers requests.
+pub fn mount<S: BlobSource + 'static>(
+    spec: ImageSpec<S>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+    ready: impl FnOnce(),
+) -> Result<(), DaemonError> {
+    let io = |op, what: &dyn std::fmt::Display| {
+        let what = what.to_string();
+        move |source| DaemonError::Io { op, what, source }
+    };
+    let image_name = spec.name.as_str();
+    prepare_mountpoint(mountpoint)?;
+    let disk = CacheDir::open(&opts.cache_dir)?;
+    let stats = Arc::new(Stats::default());
+    let image = Image::open(
+        spec.digest,
+        spec.manifest,
+        Counted::new(spec.blobs, stats.clone()),
+    )?;
+    let store = Arc::new(ChunkStore::new(
+        Arc::new(image),
+        Some(disk),
+        opts.store,
+        stats,
+    ));
+    let fs = DarterFs::new(store.clone(), FsOptions::default());
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("darter:{image_name}")),
+        MountOption::Subtype("darter".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(io("mount at", &mountpoint.display()))?;
+    let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+    let started = Instant::now();
+    let report = {
+        let store = store.clone();
+        let (image, mountpoint) = (image_name.to_owned(), mountpoint.to_owned());
+        Arc::new(move || StatsReport {
+            image: image.clone(),
+            mountpoint: mountpoint.clone(),
+            pid: std::process::id(),
+            uptime_seconds: started.elapsed().as_secs_f64(),
+            stats: store.stats(),
+        })
+    };
+    let socket = socket_path(mountpoint);
+    let api = bind_api(&socket)?;
+    spawn_api(api, report.clone());
+    if let Some(addr) = opts.metrics_addr {
+        let listener = TcpListener::bind(addr).map_err(io("listen on", &addr))?;
+        spawn_metrics(listener, report);
+    }
+    spawn_signal_handler(unmounter)?;
+    let prefetch = opts.prefetch_all.then(|| {
+        let store = store.clone();
+        std::thread::spawn(move || store.prefetch_all())
+    });
+    tracing::info!(image = image_name, mountpoint = %mountpoint.display(), "mounted");
+    ready();
+    let result = session.run().map_err(io("serve", &mountpoint.display()));
+    store.stop();
+    if let Some(p) = prefetch {
+        let _ = p.join();
+    }
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
+    result
+}
+
+fn bind_api(socket: &Path) -> Result<UnixListener, DaemonError> {
+    let io = |op, source| DaemonError::Io {
+        op,
+        what: socket.display().to_string(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("create directory for", e))?;
+    }
+    // A socket left by a dead daemon for this mountpoint is replaced.
+    let _ = std::fs::remove_file(socket);
+    UnixListener::bind(socket).map_err(|e| io("listen on", e))
+}
+
+type Reporter = Arc<dyn Fn() -> StatsReport + Send + Sync>;
+
+fn spawn_api(listener: UnixListener, report: Reporter) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let report = report.clone();
+            std::thread::spawn(move || {
+                let answer = match http::read_get(&stream) {
+                    Ok(Some(path)) if path == "/stats" => {
+                        serde_json::to_vec(&report()).map(|b| ("200 OK", b)).ok()
+                    }
+                    Ok(Some(_)) => Some(("404 Not Found", b"{}".to_vec())),
+                    _ => Some(("400 Bad Request", b"{}".to_vec())),
+                };
+                if let Some((status, body)) = answer {
+                    let _ = http::respond(&stream, status, "application/json", &body);
+                }
+            });
+        }
+    });
+}
+
+fn spawn_metrics(listener: TcpListener, report: Reporter) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let report = report.clone();
+            std::thread::spawn(move || {
+                let (status, body) = match http::read_get(&stream) {
+                    Ok(Some(path)) if path == "/metrics" => ("200 OK", metrics::render(&report())),
+                    _ => ("404 Not Found", String::new()),
+                };
+                let _ = http::respond(
+                    &stream,
+                    status,
+                    "text/plain; version=0.0.4",
+                    body.as_bytes(),
+                );
+            });
+        }
+    });
+}
+
+/// SIGINT and SIGTERM unmount, which ends the session loop cleanly.
+fn spawn_signal_handler(unmounter: Arc<Mutex<fuser::SessionUnmounter>>) -> Result<(), DaemonError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
+        DaemonError::Io {
+            op: "install",
+            what: "signal handlers".into(),
+            source,
+        }
+    })?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "unmounting on signal");
+            if let Err(e) = unmounter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unmount()
+            {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        }
+    });
+    Ok(())
+}
