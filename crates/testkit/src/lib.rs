@@ -5,3 +5,14 @@
 //! Only tests and benchmarks depend on this crate. It may panic on setup
 //! failures (that is a failed test); it must never leave mounts, processes
 //! or namespaces behind.
+
+pub mod compare;
+pub mod faultproxy;
+pub mod fixtures;
+pub mod process;
+pub mod registry;
+pub mod tree;
+
+mod fs_at;
+
+pub use fs_at::{escape_bytes, escape_path};

@@ -1,0 +1,456 @@
+//! The [`Client`] and its request machinery: URL building, authentication
+//! on 401, manual redirects (no `Authorization` to other origins), bounded
+//! body reads, error mapping and the retry loop. The operations themselves
+//! live in `manifest`, `blob` and `upload`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, LOCATION};
+use reqwest::{Method, Response, StatusCode};
+use serde::Deserialize;
+use tracing::{debug, warn};
+use url::Url;
+
+use crate::auth::{AuthState, Authorization, Scope};
+use crate::config::ClientConfig;
+use crate::error::{ErrorKind, OperationContext, RegistryError, redact_url};
+use crate::reference::{Repository, registry_api_host};
+use crate::upload::BlobSource;
+
+/// `client_id` sent to OAuth2 token endpoints.
+pub(crate) const CLIENT_ID: &str = "darter";
+/// Redirect hops followed before giving up.
+const MAX_REDIRECTS: u32 = 5;
+/// Largest registry error body read for its message.
+const MAX_ERROR_BODY: u64 = 64 << 10;
+/// Longest registry error message kept.
+const MAX_ERROR_MESSAGE: usize = 300;
+
+/// A registry client. Cheap to clone; clones share connections, credentials
+/// and cached tokens, so one client serves a whole process (e.g. every read
+/// of a long-lived mount).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    http: reqwest::Client,
+    config: ClientConfig,
+    auth: AuthState,
+}
+
+/// A failure inside one attempt, before it gets its operation context.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) url: Option<String>,
+    pub(crate) kind: ErrorKind,
+}
+
+impl Failure {
+    pub(crate) fn at(url: &Url, kind: ErrorKind) -> Failure {
+        Failure {
+            url: Some(redact_url(url)),
+            kind,
+        }
+    }
+
+    pub(crate) fn without_url(kind: ErrorKind) -> Failure {
+        Failure { url: None, kind }
+    }
+
+    pub(crate) fn into_error(self, context: &OperationContext, attempts: u32) -> RegistryError {
+        RegistryError::new(context.clone(), self.url, self.kind).with_attempts(attempts)
+    }
+}
+
+/// What a request sends as its body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RequestBody<'a> {
+    Empty,
+    Bytes(&'a Bytes),
+    /// `len` bytes of `source` from `offset`, streamed.
+    Source {
+        source: &'a BlobSource,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// One logical request: `Client::execute` may send it several times (after
+/// a 401, along redirects).
+#[derive(Debug)]
+pub(crate) struct Request<'a> {
+    pub(crate) method: Method,
+    pub(crate) url: Url,
+    pub(crate) registry: &'a str,
+    pub(crate) scopes: &'a [Scope],
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: RequestBody<'a>,
+}
+
+impl<'a> Request<'a> {
+    /// A bodiless request to `repository`'s registry needing `scopes`.
+    pub(crate) fn new(
+        method: Method,
+        url: Url,
+        repository: &'a Repository,
+        scopes: &'a [Scope],
+    ) -> Request<'a> {
+        Request {
+            method,
+            url,
+            registry: repository.registry(),
+            scopes,
+            headers: HeaderMap::new(),
+            body: RequestBody::Empty,
+        }
+    }
+
+    pub(crate) fn header(mut self, name: HeaderName, value: HeaderValue) -> Request<'a> {
+        self.headers.insert(name, value);
+        self
+    }
+
+    pub(crate) fn body(mut self, body: RequestBody<'a>) -> Request<'a> {
+        self.body = body;
+        self
+    }
+}
+
+impl Client {
+    /// A client with `config`. Fails only if TLS cannot be set up.
+    pub fn new(config: ClientConfig) -> Result<Client, RegistryError> {
+        let setup_error = |what: String| {
+            let context = OperationContext {
+                operation: "create client",
+                repository: String::new(),
+                object: None,
+            };
+            RegistryError::new(context, None, ErrorKind::Setup(what))
+        };
+        let tls = tls_config().map_err(|e| setup_error(format!("TLS: {e}")))?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(config.user_agent.clone())
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .tcp_keepalive(Duration::from_secs(30))
+            .build()
+            .map_err(|e| setup_error(e.to_string()))?;
+        let auth = AuthState::new(config.credentials.clone());
+        Ok(Client {
+            inner: Arc::new(Inner { http, config, auth }),
+        })
+    }
+
+    pub(crate) fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// `SCHEME://HOST/` of `registry`'s API.
+    fn registry_base(&self, registry: &str) -> Result<Url, Failure> {
+        let scheme = if self.config().plain_http.contains(registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let text = format!("{scheme}://{}/", registry_api_host(registry));
+        Url::parse(&text).map_err(|e| {
+            Failure::without_url(ErrorKind::InvalidRequest(format!(
+                "bad registry URL {text}: {e}"
+            )))
+        })
+    }
+
+    /// `SCHEME://HOST/v2/REPO/SUFFIX` for `repository`.
+    pub(crate) fn repository_url(
+        &self,
+        repository: &Repository,
+        suffix: &str,
+    ) -> Result<Url, Failure> {
+        let base = self.registry_base(repository.registry())?;
+        base.join(&format!("v2/{}/{suffix}", repository.path()))
+            .map_err(|e| Failure::at(&base, ErrorKind::InvalidRequest(e.to_string())))
+    }
+
+    /// Sends `request`, answering one 401 with fresh authorization and
+    /// following redirects for GET/HEAD. `Authorization` only ever goes to
+    /// the registry's own origin (scheme, host, port), never to object
+    /// stores or upload hosts elsewhere.
+    pub(crate) async fn execute(&self, request: &Request<'_>) -> Result<Response, Failure> {
+        let origin = self.registry_base(request.registry)?.origin();
+        let follows_redirects = request.method == Method::GET || request.method == Method::HEAD;
+        let mut url = request.url.clone();
+        let mut auth_retried = false;
+        let mut redirects = 0;
+        loop {
+            let same_origin = url.origin() == origin;
+            let auth = if same_origin {
+                let http = &self.inner.http;
+                self.inner
+                    .auth
+                    .authorization(http, request.registry, request.scopes)
+                    .await?
+            } else {
+                None
+            };
+            let response = self.send_once(request, &url, auth.as_ref()).await?;
+            let status = response.status();
+            debug!(method = %request.method, url = %redact_url(&url), status = status.as_u16(), "registry request");
+            if status == StatusCode::UNAUTHORIZED && same_origin && !auth_retried {
+                auth_retried = true;
+                let auth_state = &self.inner.auth;
+                let headers = response.headers();
+                if auth_state
+                    .on_unauthorized(request.registry, headers, auth.as_ref())
+                    .await?
+                {
+                    continue;
+                }
+                return Ok(response);
+            }
+            let location = response.headers().get(LOCATION);
+            if follows_redirects && status.is_redirection() && location.is_some() {
+                redirects += 1;
+                if redirects > MAX_REDIRECTS {
+                    return Err(Failure::at(&url, bad_response("too many redirects")));
+                }
+                url = resolve_location(&url, &response)?;
+                continue;
+            }
+            return Ok(response);
+        }
+    }
+
+    /// One HTTP exchange of `request` at `url`.
+    async fn send_once(
+        &self,
+        request: &Request<'_>,
+        url: &Url,
+        auth: Option<&Authorization>,
+    ) -> Result<Response, Failure> {
+        let mut builder = self
+            .inner
+            .http
+            .request(request.method.clone(), url.clone())
+            .headers(request.headers.clone());
+        if let Some(auth) = auth {
+            builder = builder.header(AUTHORIZATION, auth.header.clone());
+        }
+        if let Some(body) = request.body.to_reqwest().await? {
+            builder = builder.body(body);
+        }
+        builder
+            .send()
+            .await
+            .map_err(|e| Failure::at(url, ErrorKind::transport("request failed", e)))
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, runs out of
+    /// attempts, or the operation deadline passes (cutting a running
+    /// attempt short).
+    pub(crate) async fn with_retries<T, F, Fut>(
+        &self,
+        context: &OperationContext,
+        attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        self.retry_loop(context, DeadlineMode::CutAttempts, attempt)
+            .await
+    }
+
+    /// The retry loop; `mode` says whether the deadline may cut a running
+    /// attempt ([`DeadlineMode::BetweenAttempts`] suits uploads, whose
+    /// length depends on the blob size and link speed; stalls are caught by
+    /// the connection timeouts instead).
+    pub(crate) async fn retry_loop<T, F, Fut>(
+        &self,
+        context: &OperationContext,
+        mode: DeadlineMode,
+        mut attempt: F,
+    ) -> Result<T, RegistryError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let policy = &self.config().retry;
+        let deadline = tokio::time::Instant::now() + policy.operation_deadline;
+        let mut attempts = 0;
+        let mut last_error: Option<Failure> = None;
+        loop {
+            attempts += 1;
+            let outcome = match mode {
+                DeadlineMode::CutAttempts => tokio::time::timeout_at(deadline, attempt()).await,
+                DeadlineMode::BetweenAttempts => Ok(attempt().await),
+            };
+            let failure = match outcome {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(failure)) => failure,
+                Err(_elapsed) => {
+                    let url = last_error.as_ref().and_then(|f| f.url.clone());
+                    let kind = ErrorKind::DeadlineExceeded {
+                        deadline: policy.operation_deadline,
+                        last_error: last_error.map(|f| Box::new(f.kind)),
+                    };
+                    return Err(Failure { url, kind }.into_error(context, attempts));
+                }
+            };
+            let backoff = policy.backoff(attempts);
+            let out_of_time = tokio::time::Instant::now() + backoff >= deadline;
+            if !failure.kind.is_retryable() || attempts >= policy.max_attempts || out_of_time {
+                return Err(failure.into_error(context, attempts));
+            }
+            warn!(%context, attempt = attempts, error = %failure.kind, ?backoff, "transient registry failure, retrying");
+            tokio::time::sleep(backoff).await;
+            last_error = Some(failure);
+        }
+    }
+}
+
+/// Whether the operation deadline may interrupt a running attempt.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DeadlineMode {
+    /// The deadline cuts the running attempt.
+    CutAttempts,
+    /// The deadline only stops further retries.
+    BetweenAttempts,
+}
+
+impl RequestBody<'_> {
+    async fn to_reqwest(self) -> Result<Option<reqwest::Body>, Failure> {
+        match self {
+            RequestBody::Empty => Ok(None),
+            RequestBody::Bytes(bytes) => Ok(Some(reqwest::Body::from(bytes.clone()))),
+            RequestBody::Source {
+                source,
+                offset,
+                len,
+            } => source.body(offset, len).await.map(Some),
+        }
+    }
+}
+
+fn tls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
+        .with_no_client_auth())
+}
+
+pub(crate) fn bad_response(what: impl Into<String>) -> ErrorKind {
+    ErrorKind::BadResponse(what.into())
+}
+
+/// The absolute URL of a response's `Location` header.
+pub(crate) fn resolve_location(base: &Url, response: &Response) -> Result<Url, Failure> {
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .ok_or_else(|| Failure::at(base, bad_response("no Location header")))?;
+    location
+        .to_str()
+        .ok()
+        .and_then(|text| base.join(text).ok())
+        .ok_or_else(|| Failure::at(base, bad_response("Location header is not a URL")))
+}
+
+/// A header parsed as a number.
+pub(crate) fn header_u64(response: &Response, name: &str) -> Option<u64> {
+    response
+        .headers()
+        .get(name)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Reads the whole body, failing if it is (or announces to be) larger than
+/// `limit`.
+pub(crate) async fn read_limited(response: Response, limit: u64) -> Result<Bytes, ErrorKind> {
+    if response.content_length().is_some_and(|len| len > limit) {
+        return Err(ErrorKind::TooLarge { limit });
+    }
+    let mut body = BytesMut::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ErrorKind::transport("reading body", e))?;
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(ErrorKind::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Vec<ErrorEntry>,
+}
+
+#[derive(Deserialize)]
+struct ErrorEntry {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// Turns a response with an unusable status into a [`Failure`], keeping the
+/// registry's error code and message (shortened) when it sent them.
+pub(crate) async fn status_failure(response: Response) -> Failure {
+    let status = response.status().as_u16();
+    let url = response.url().clone();
+    let body = read_limited(response, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let entry = serde_json::from_slice::<ErrorBody>(&body)
+        .ok()
+        .and_then(|b| b.errors.into_iter().next());
+    let (code, message) = match entry {
+        Some(entry) => (entry.code, entry.message),
+        None => (None, None),
+    };
+    let message = message.map(|m| m.chars().take(MAX_ERROR_MESSAGE).collect::<String>());
+    let kind = if status == 401 || status == 403 {
+        let reason = match (&code, &message) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.clone(),
+            (None, Some(message)) => message.clone(),
+            (None, None) => "credentials missing, wrong, or lacking access".to_owned(),
+        };
+        ErrorKind::Unauthorized { status, reason }
+    } else {
+        ErrorKind::Status {
+            status,
+            code,
+            message,
+        }
+    };
+    Failure::at(&url, kind)
+}
+
+/// Fails unless the response has one of `expected` statuses.
+pub(crate) async fn expect_status(
+    response: Response,
+    expected: &[StatusCode],
+) -> Result<Response, Failure> {
+    if expected.contains(&response.status()) {
+        Ok(response)
+    } else {
+        Err(status_failure(response).await)
+    }
+}
