@@ -4,27 +4,17 @@
 //! thread. Memory stays bounded: at most a few frames are in flight.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use darter_format::DigestAlgo;
+
+pub use crate::sink::BlobSink;
 use darter_format::blob::{BlobSummary, BlobWriter, Frame, FramePacker};
 use darter_format::compress::{Compression, Compressor};
 use darter_format::erofs::ondisk::ChunkIndex;
 use darter_format::tree::FileData;
-
-/// Where a blob's bytes go: a layout upload, a registry upload, a test buffer.
-pub trait BlobSink: Write + Send {
-    /// Makes the blob durable and visible; returns its sha256 digest and size.
-    fn commit(self: Box<Self>) -> io::Result<(darter_oci::OciDigest, u64)>;
-}
-
-impl BlobSink for darter_oci::BlobUpload {
-    fn commit(self: Box<Self>) -> io::Result<(darter_oci::OciDigest, u64)> {
-        darter_oci::BlobUpload::commit(*self).map_err(io::Error::other)
-    }
-}
 
 /// How chunks are cut, hashed and compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +61,9 @@ struct Job {
 
 type Done = io::Result<(u64, Frame, Compression, Vec<u8>)>;
 
+/// A blob written to its end, not yet committed.
+type FinishedBlob = (Box<dyn BlobSink>, BlobSummary);
+
 /// One blob being written.
 struct BlobBuilder {
     device_id: u16,
@@ -94,8 +87,8 @@ struct Pool {
     seq: u64,
     jobs: Option<Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
-    end: Sender<u64>,
-    writer: JoinHandle<io::Result<(Box<dyn BlobSink>, BlobSummary)>>,
+    end: Option<Sender<u64>>,
+    writer: Option<JoinHandle<io::Result<FinishedBlob>>>,
 }
 
 impl BlobBuilder {
@@ -179,8 +172,8 @@ impl Pool {
             seq: 0,
             jobs: Some(job_tx),
             workers,
-            end: end_tx,
-            writer,
+            end: Some(end_tx),
+            writer: Some(writer),
         })
     }
 
@@ -197,15 +190,35 @@ impl Pool {
 
     fn finish(mut self, size: u64) -> io::Result<(Box<dyn BlobSink>, BlobSummary)> {
         drop(self.jobs.take());
-        for w in self.workers {
+        for w in self.workers.drain(..) {
             w.join()
                 .map_err(|_| io::Error::other("compression worker panicked"))?;
         }
         // The writer may have stopped early on an error; its result says why.
-        let _ = self.end.send(size);
+        if let Some(end) = self.end.take() {
+            let _ = end.send(size);
+        }
         self.writer
+            .take()
+            .ok_or_else(|| io::Error::other("blob already finished"))?
             .join()
             .map_err(|_| io::Error::other("blob writer panicked"))?
+    }
+}
+
+impl Drop for Pool {
+    /// A blob dropped unfinished (the build failed): stops the threads and
+    /// waits for them, so that the writer drops its sink, which discards
+    /// the upload, before the process can exit and leave it behind.
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        drop(self.end.take());
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
     }
 }
 
@@ -367,6 +380,7 @@ impl Chunker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn settings(jobs: usize) -> ChunkSettings {
         ChunkSettings {

@@ -15,6 +15,7 @@
 pub mod chunker;
 pub mod merge;
 mod output;
+mod sink;
 mod source_dir;
 mod source_oci;
 mod source_tar;
@@ -24,17 +25,46 @@ use std::time::Instant;
 
 use darter_format::bootstrap::BlobEntry;
 use darter_format::erofs::ondisk::ChunkIndex;
-use darter_oci::{LayoutRef, OciLayout};
+use darter_image::{BlobSource, Image};
 
 pub use chunker::{ChunkSettings, ChunkStats};
+pub use sink::{BlobSink, COPY_PIECE, ImageSink, LayoutSink, Transfer};
+pub use source_oci::{LayoutImage, SourceImage, parse_config};
 
 /// What to build from.
-#[derive(Debug, Clone)]
 pub enum Source {
     /// A directory tree.
     Dir(PathBuf),
-    /// An image in an OCI layout.
-    Oci(LayoutRef),
+    /// An OCI or Docker image (a layout or a registry).
+    Image(Box<dyn SourceImage>),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Dir(d) => f.debug_tuple("Dir").field(d).finish(),
+            Source::Image(i) => f.debug_tuple("Image").field(&i.name()).finish(),
+        }
+    }
+}
+
+/// A previous version of the image: its chunks are referenced instead of
+/// stored again.
+pub struct Parent {
+    /// The opened parent image.
+    pub image: Image<Box<dyn BlobSource>>,
+    /// A repository of the destination's registry holding its blobs, for
+    /// cross-repository mounts (`None` for layouts).
+    pub mount_from: Option<String>,
+}
+
+impl std::fmt::Debug for Parent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parent")
+            .field("image", self.image.manifest_digest())
+            .field("mount_from", &self.mount_from)
+            .finish()
+    }
 }
 
 /// Build options besides the source and output.
@@ -42,10 +72,8 @@ pub enum Source {
 pub struct BuildOptions {
     /// Chunking and compression.
     pub settings: ChunkSettings,
-    /// A previous version of the image whose chunks are reused.
-    pub parent: Option<LayoutRef>,
-    /// Platform (`os/arch[/variant]`) to pick from a multi-platform source.
-    pub platform: Option<String>,
+    /// The tag to give the result.
+    pub tag: String,
 }
 
 /// Receives progress as a build goes (drives progress bars).
@@ -73,6 +101,10 @@ impl Progress for NoProgress {
 pub struct BuildReport {
     /// The image written.
     pub image: String,
+    /// Bytes the image references (all its blobs, bootstrap, config, manifest).
+    pub image_bytes: u64,
+    /// Bytes actually sent to the destination (what it lacked).
+    pub sent_bytes: u64,
     /// Manifest digest.
     pub manifest_digest: String,
     /// Entries in the tree (all types).
@@ -162,6 +194,17 @@ pub enum BuildError {
     /// Reading the parent image failed.
     #[error(transparent)]
     Image(#[from] darter_image::ImageError),
+    /// Reading a blob to copy failed.
+    #[error(transparent)]
+    Blob(#[from] darter_image::SourceError),
+    /// The destination failed (a registry push).
+    #[error("{destination}: {detail}")]
+    Destination {
+        /// Where.
+        destination: String,
+        /// What happened.
+        detail: String,
+    },
 }
 
 impl BuildError {
@@ -180,7 +223,8 @@ impl BuildError {
         }
     }
 
-    pub(crate) fn layer(digest: &str, detail: String) -> Self {
+    /// A layer-level error.
+    pub fn layer(digest: &str, detail: String) -> Self {
         BuildError::Layer {
             digest: digest.to_owned(),
             detail,
@@ -209,18 +253,18 @@ impl BuildError {
     }
 }
 
-/// Builds `source` into the OCI layout image `output`.
+/// Builds `source` into `sink`, reusing the chunks of `parent`.
 pub fn build(
     source: &Source,
-    output: &LayoutRef,
+    parent: Option<&Parent>,
+    sink: &dyn ImageSink,
     opts: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
-    let out = OciLayout::create(&output.path)?;
     let mut chunker = chunker::Chunker::new(opts.settings);
-    let parent_blobs = match &opts.parent {
-        Some(p) => output::load_parent(p, &mut chunker, &out)?,
+    let parent_blobs = match parent {
+        Some(p) => output::load_parent(&p.image, &mut chunker)?,
         None => Vec::new(),
     };
     let mut tree = merge::MergeTree::new();
@@ -231,18 +275,24 @@ pub fn build(
         Source::Dir(dir) => {
             progress.phase("reading directory");
             tree.begin_layer(1);
-            start_blob(&mut chunker, &out, first_new_device)?;
+            start_blob(&mut chunker, sink, first_new_device)?;
             source_dir::add_dir(&mut tree, &mut chunker, dir, progress)?;
             new_blobs.extend(finish_blob(&mut chunker)?);
             (None, dir.display().to_string())
         }
-        Source::Oci(reference) => {
-            let src = source_oci::OciSource::open(reference, opts.platform.as_deref())?;
-            let layers = src.manifest.layers().clone();
-            for ((i, desc), diff_id) in layers.iter().enumerate().zip(src.diff_ids()) {
+        Source::Image(src) => {
+            let layers = src.manifest().layers().clone();
+            // Blobs become visible only once every layer is verified: a bad
+            // layer anywhere leaves the destination as it was.
+            let mut verified = Vec::new();
+            for ((i, desc), diff_id) in layers
+                .iter()
+                .enumerate()
+                .zip(source_oci::diff_ids(src.as_ref()))
+            {
                 progress.phase(&format!("layer {}/{}", i + 1, layers.len()));
-                let mut layer = src.open_layer(desc, diff_id)?;
-                start_blob(&mut chunker, &out, first_new_device + new_blobs.len())?;
+                let mut layer = source_oci::open_layer(src.as_ref(), desc, diff_id)?;
+                start_blob(&mut chunker, sink, first_new_device + verified.len())?;
                 let name = layer.digest.to_string();
                 source_tar::apply_tar(
                     &mut tree,
@@ -252,35 +302,38 @@ pub fn build(
                     layer.reader(),
                     progress,
                 )?;
-                // Verify before committing: a bad layer leaves nothing behind.
-                let blob = chunker.finish_blob().map_err(|e| {
-                    BuildError::io("write blob for", layer.digest.as_str().as_bytes(), e)
-                })?;
+                let blob = chunker
+                    .finish_blob()
+                    .map_err(|e| BuildError::io("write blob for", name.as_bytes(), e))?;
                 layer.finish()?;
-                new_blobs.extend(commit(blob)?);
+                verified.extend(blob);
+            }
+            for blob in verified {
+                new_blobs.push(commit(blob)?);
             }
             (
-                Some(src.config.clone()),
-                format!("{reference}@{}", src.manifest_digest),
+                Some(src.config().clone()),
+                format!("{}@{}", src.name(), src.manifest_digest()),
             )
         }
     };
     tree.for_each_file(|f| bytes_in += f.size);
     let stats = chunker.stats();
     progress.phase("writing bootstrap");
-    let written = output::write_image(
-        &out,
-        output,
+    let image = output::ImageParts {
         tree,
-        &parent_blobs,
-        &new_blobs,
-        opts,
+        parents: &parent_blobs,
+        parent,
+        new: &new_blobs,
         config,
-        &source_name,
-    )?;
+        source_name: &source_name,
+    };
+    let written = output::write_image(sink, image, opts)?;
     let non_hole = stats.chunk_ref_bytes;
     Ok(BuildReport {
-        image: output.to_string(),
+        image: format!("{}:{}", sink.name(), opts.tag),
+        image_bytes: written.image_bytes,
+        sent_bytes: sink.sent_bytes(),
         manifest_digest: written.manifest_digest,
         entries: written.entries,
         bytes_in,
@@ -300,40 +353,33 @@ pub fn build(
 
 fn start_blob(
     chunker: &mut chunker::Chunker,
-    out: &OciLayout,
+    sink: &dyn ImageSink,
     device: usize,
 ) -> Result<(), BuildError> {
     let device = u16::try_from(device).map_err(|_| BuildError::Unsupported {
         path: String::new(),
         detail: "more than 65535 blobs".into(),
     })?;
-    let upload = out.begin_blob()?;
-    chunker.start_blob(device, Box::new(upload)).map_err(|e| {
-        BuildError::io(
-            "start blob in",
-            out.root().as_os_str().as_encoded_bytes(),
-            e,
-        )
-    })
+    let upload = sink.begin_blob()?;
+    chunker
+        .start_blob(device, upload)
+        .map_err(|e| BuildError::io("start blob in", sink.name().as_bytes(), e))
 }
 
 fn finish_blob(chunker: &mut chunker::Chunker) -> Result<Option<BlobEntry>, BuildError> {
     let blob = chunker
         .finish_blob()
         .map_err(|e| BuildError::io("write blob", b"", e))?;
-    commit(blob)
+    blob.map(commit).transpose()
 }
 
 fn commit(
-    blob: Option<(Box<dyn chunker::BlobSink>, darter_format::blob::BlobSummary)>,
-) -> Result<Option<BlobEntry>, BuildError> {
-    let Some((sink, summary)) = blob else {
-        return Ok(None);
-    };
+    (sink, summary): (Box<dyn BlobSink>, darter_format::blob::BlobSummary),
+) -> Result<BlobEntry, BuildError> {
     let (digest, _) = sink
         .commit()
         .map_err(|e| BuildError::io("commit blob", b"", e))?;
-    Ok(Some(BlobEntry::new(digest.bytes(), &summary)))
+    Ok(BlobEntry::new(digest.bytes(), &summary))
 }
 
 /// Renumbers chunk indexes after unused blobs are dropped: `map[old] = new`.

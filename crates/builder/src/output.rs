@@ -6,48 +6,40 @@ use std::collections::BTreeSet;
 use darter_format::bootstrap::{BlobEntry, BootstrapInfo, write_bootstrap};
 use darter_format::erofs::ondisk::ChunkIndex;
 use darter_format::oci as dm;
-use darter_oci::{LayoutRef, OciDigest, OciLayout, media};
+use darter_image::{BlobSource, Image};
+use darter_oci::{OciDigest, media};
 use serde_json::{Value, json};
 
 use crate::merge::MergeTree;
-use crate::{BuildError, BuildOptions, chunker::Chunker};
+use crate::sink::ImageSink;
+use crate::{BuildError, BuildOptions, Parent, chunker::Chunker};
 
 /// zstd level for the bootstrap: it is fetched first on every mount, so it
 /// is worth more effort than chunks, but level 19 costs seconds for large
 /// trees (4 s for 50k entries here) to save 8%; 9 takes 0.2 s.
 const BOOTSTRAP_ZSTD_LEVEL: i32 = 9;
 
-/// A blob of the parent image and the layout holding it.
-#[derive(Debug)]
-pub(crate) struct ParentBlob {
-    entry: BlobEntry,
-    layout: OciLayout,
-}
-
 /// Registers every chunk of the parent image with the chunker, as devices
 /// `1..=n`, and returns the parent's blobs.
 pub(crate) fn load_parent(
-    parent: &LayoutRef,
+    image: &Image<Box<dyn BlobSource>>,
     chunker: &mut Chunker,
-    _out: &OciLayout,
-) -> Result<Vec<ParentBlob>, BuildError> {
-    let image = darter_image::open_layout(parent)?;
+) -> Result<Vec<BlobEntry>, BuildError> {
     let info = image.bootstrap().info();
     let settings = chunker.settings();
     if info.digest_algo != settings.digest
         || image.bootstrap().chunk_size() != u64::from(settings.chunk_size)
     {
         return Err(BuildError::Parent(format!(
-            "{parent} uses {} digests and {}-byte chunks; this build uses {} and {} (use the same --digest and --chunk-size)",
+            "{} uses {} digests and {}-byte chunks; this build uses {} and {} (use the same --digest and --chunk-size)",
+            image.manifest_digest(),
             info.digest_algo,
             image.bootstrap().chunk_size(),
             settings.digest,
             settings.chunk_size
         )));
     }
-    let layout = image.source().layout().clone();
-    let mut blobs = Vec::new();
-    for (i, entry) in image.blobs().iter().enumerate() {
+    for i in 0..image.blobs().len() {
         let device_id =
             u16::try_from(i + 1).map_err(|_| BuildError::Parent("more than 65535 blobs".into()))?;
         for r in image.chunk_table(i)?.records() {
@@ -59,12 +51,18 @@ pub(crate) fn load_parent(
                 },
             );
         }
-        blobs.push(ParentBlob {
-            entry: *entry,
-            layout: layout.clone(),
-        });
     }
-    Ok(blobs)
+    Ok(image.blobs().to_vec())
+}
+
+/// Everything the image is made of, once chunking is done.
+pub(crate) struct ImageParts<'a> {
+    pub(crate) tree: MergeTree,
+    pub(crate) parents: &'a [BlobEntry],
+    pub(crate) parent: Option<&'a Parent>,
+    pub(crate) new: &'a [BlobEntry],
+    pub(crate) config: Option<Value>,
+    pub(crate) source_name: &'a str,
 }
 
 /// What [`write_image`] produced.
@@ -74,26 +72,26 @@ pub(crate) struct Written {
     pub(crate) entries: u64,
     pub(crate) blobs: usize,
     pub(crate) bootstrap_bytes: u64,
+    pub(crate) image_bytes: u64,
 }
 
-/// Drops blobs no file uses, renumbers devices, and writes the bootstrap,
-/// config and manifest; tags the manifest.
-#[allow(clippy::too_many_arguments)]
+/// Drops blobs no file uses, renumbers devices, makes sure the sink has
+/// the parent blobs still used, and writes the bootstrap, config and
+/// manifest; tags the manifest.
 pub(crate) fn write_image(
-    out: &OciLayout,
-    output: &LayoutRef,
-    mut tree: MergeTree,
-    parents: &[ParentBlob],
-    new: &[BlobEntry],
+    sink: &dyn ImageSink,
+    parts: ImageParts<'_>,
     opts: &BuildOptions,
-    source_config: Option<Value>,
-    source_name: &str,
 ) -> Result<Written, BuildError> {
-    let all: Vec<BlobEntry> = parents
-        .iter()
-        .map(|p| p.entry)
-        .chain(new.iter().copied())
-        .collect();
+    let ImageParts {
+        mut tree,
+        parents,
+        parent,
+        new,
+        config: source_config,
+        source_name,
+    } = parts;
+    let all: Vec<BlobEntry> = parents.iter().chain(new).copied().collect();
     let mut used = BTreeSet::new();
     tree.for_each_file(|f| {
         used.extend(
@@ -107,9 +105,16 @@ pub(crate) fn write_image(
     let mut kept = Vec::new();
     for (i, &dev) in used.iter().enumerate() {
         map[usize::from(dev)] = i as u16 + 1;
-        kept.push(all[usize::from(dev) - 1]);
-        if let Some(p) = parents.get(usize::from(dev) - 1) {
-            copy_blob_if_missing(&p.layout, out, &p.entry)?;
+        let entry = all[usize::from(dev) - 1];
+        kept.push(entry);
+        if let (Some(p), true) = (parent, usize::from(dev) <= parents.len()) {
+            let digest = OciDigest::from_bytes(entry.blob_digest);
+            sink.ensure_blob(
+                &digest,
+                entry.blob_size,
+                p.image.source(),
+                p.mount_from.as_deref(),
+            )?;
         }
     }
     tree.for_each_file(|f| crate::renumber(&mut f.chunks, &map));
@@ -121,14 +126,9 @@ pub(crate) fn write_image(
     };
     let raw = write_bootstrap(&tree, &info, 0)?;
     let raw_digest = OciDigest::of(&raw);
-    let packed = zstd::bulk::compress(&raw, BOOTSTRAP_ZSTD_LEVEL).map_err(|e| {
-        BuildError::io(
-            "compress bootstrap for",
-            output.path.as_os_str().as_encoded_bytes(),
-            e,
-        )
-    })?;
-    let (boot_digest, boot_size) = out.put_blob(&packed)?;
+    let packed = zstd::bulk::compress(&raw, BOOTSTRAP_ZSTD_LEVEL)
+        .map_err(|e| BuildError::io("compress bootstrap for", sink.name().as_bytes(), e))?;
+    let (boot_digest, boot_size) = sink.put_blob(&packed)?;
 
     let mut layers: Vec<Value> = kept
         .iter()
@@ -165,7 +165,7 @@ pub(crate) fn write_image(
         what: "config".into(),
         detail: e.to_string(),
     })?;
-    let (config_digest, config_size) = out.put_blob(&config_bytes)?;
+    let (config_digest, config_size) = sink.put_blob(&config_bytes)?;
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": media::OCI_MANIFEST,
@@ -182,23 +182,17 @@ pub(crate) fn write_image(
         what: "manifest".into(),
         detail: e.to_string(),
     })?;
-    let (manifest_digest, manifest_size) = out.put_blob(&manifest_bytes)?;
-    let desc: darter_oci::Descriptor = serde_json::from_value(descriptor(
-        media::OCI_MANIFEST,
-        manifest_digest.as_str(),
-        manifest_size,
-        Value::Null,
-    ))
-    .map_err(|e| BuildError::Source {
-        what: "manifest descriptor".into(),
-        detail: e.to_string(),
-    })?;
-    out.set_tag(desc, output.tag.as_deref().unwrap_or("latest"))?;
+    let manifest_digest = sink.put_manifest(&manifest_bytes, media::OCI_MANIFEST, &opts.tag)?;
+    let image_bytes = kept.iter().map(|b| b.blob_size).sum::<u64>()
+        + boot_size
+        + config_size
+        + manifest_bytes.len() as u64;
     Ok(Written {
         manifest_digest: manifest_digest.to_string(),
         entries: tree.nodes.len() as u64,
         blobs: kept.len(),
         bootstrap_bytes: boot_size,
+        image_bytes,
     })
 }
 
@@ -227,29 +221,4 @@ fn image_config(source: Option<Value>, diff_ids: &[String]) -> Value {
         );
     }
     config
-}
-
-fn copy_blob_if_missing(
-    from: &OciLayout,
-    to: &OciLayout,
-    entry: &BlobEntry,
-) -> Result<(), BuildError> {
-    let digest = OciDigest::from_bytes(entry.blob_digest);
-    if to.has_blob(&digest) {
-        return Ok(());
-    }
-    let src = from.blob_path(&digest);
-    let mut file = from.open_blob(&digest, entry.blob_size)?;
-    let mut upload = to.begin_blob()?;
-    std::io::copy(&mut file, &mut upload)
-        .map_err(|e| BuildError::io("copy", src.as_os_str().as_encoded_bytes(), e))?;
-    let (copied, _) = upload.commit()?;
-    if copied != digest {
-        return Err(BuildError::DigestMismatch {
-            what: format!("parent blob {}", src.display()),
-            expected: digest.to_string(),
-            actual: copied.to_string(),
-        });
-    }
-    Ok(())
 }

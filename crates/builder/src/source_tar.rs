@@ -191,7 +191,8 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        let cases: [(&[u8], Option<(u64, u32)>); 6] = [
+        type Case<'a> = (&'a [u8], Option<(u64, u32)>);
+        let cases: [Case<'_>; 6] = [
             (b"1700000000", Some((1_700_000_000, 0))),
             (b"1700000000.5", Some((1_700_000_000, 500_000_000))),
             (

@@ -17,6 +17,16 @@ pub struct Cli {
     /// Only errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Talk to the registries named on the command line over plain HTTP (or set
+    /// `plain_http = true` under `[registries."HOST:PORT"]` in the config file).
+    #[arg(long, global = true)]
+    pub plain_http: bool,
+    /// Registry user name (with --password-stdin); otherwise ~/.docker/config.json is used.
+    #[arg(long, global = true, value_name = "USER", requires = "password_stdin")]
+    pub username: Option<String>,
+    /// Read the registry password from standard input.
+    #[arg(long, global = true, requires = "username")]
+    pub password_stdin: bool,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -35,6 +45,8 @@ pub enum Command {
     Unpack(UnpackArgs),
     /// Write an image as plain EROFS (bootstrap + device images) for fsck.erofs and the kernel.
     Export(ExportArgs),
+    /// Copy an image between layouts and registries, sending only what the destination lacks.
+    Copy(CopyArgs),
     /// Mount an image read-only, fetching only the chunks that are read.
     Mount(MountArgs),
     /// Show a mount's live counters.
@@ -44,10 +56,22 @@ pub enum Command {
     Cache(CacheCommand),
 }
 
+/// `darter copy`.
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The image to copy.
+    pub source: String,
+    /// Where to copy it.
+    pub destination: String,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `darter mount`.
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The image: oci:PATH[:TAG].
+    /// The image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub image: String,
     /// Where to mount it (an existing directory).
     pub mountpoint: PathBuf,
@@ -102,9 +126,9 @@ pub struct CacheGcArgs {
 /// `darter build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// A directory, or an OCI image as oci:PATH[:TAG].
+    /// A directory, or an OCI/Docker image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub source: String,
-    /// Where to write the image: oci:PATH[:TAG] (tag defaults to latest).
+    /// Where to write the image: oci:PATH[:TAG] or a registry reference (tag defaults to latest).
     #[arg(short, long, value_name = "IMAGE")]
     pub output: String,
     /// Chunk size: a power of two from 4K to 16M (default 1M).
@@ -139,7 +163,7 @@ pub struct BuildArgs {
 /// `darter inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// The image: oci:PATH[:TAG].
+    /// The image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub image: String,
     /// Print JSON.
     #[arg(long)]
@@ -149,7 +173,7 @@ pub struct InspectArgs {
 /// `darter check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
-    /// The image: oci:PATH[:TAG].
+    /// The image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub image: String,
     /// Print JSON.
     #[arg(long)]
@@ -159,7 +183,7 @@ pub struct CheckArgs {
 /// `darter unpack`.
 #[derive(Debug, Args)]
 pub struct UnpackArgs {
-    /// The image: oci:PATH[:TAG].
+    /// The image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub image: String,
     /// Target directory (created; must be empty).
     pub dir: PathBuf,
@@ -171,7 +195,7 @@ pub struct UnpackArgs {
 /// `darter export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The image: oci:PATH[:TAG].
+    /// The image: oci:PATH[:TAG] or [docker://]REGISTRY/REPO[:TAG|@DIGEST].
     pub image: String,
     /// Output directory.
     pub dir: PathBuf,

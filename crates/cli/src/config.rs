@@ -2,6 +2,7 @@
 //! overrides built-in defaults.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use serde::Deserialize;
@@ -16,6 +17,32 @@ pub struct Config {
     /// Defaults for `darter mount`.
     #[serde(default)]
     pub mount: MountConfig,
+    /// How registries are talked to.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Per-registry settings, keyed by `host[:port]`.
+    #[serde(default)]
+    pub registries: std::collections::BTreeMap<String, RegistryEntry>,
+}
+
+/// `[registry]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Seconds one registry operation (a chunk fetch, say) may take,
+    /// retries included, before it fails (and a read gets EIO).
+    pub deadline: Option<u64>,
+    /// Attempts per operation.
+    pub attempts: Option<u32>,
+}
+
+/// `[registries."HOST:PORT"]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    /// Talk plain HTTP.
+    #[serde(default)]
+    pub plain_http: bool,
 }
 
 /// `[mount]`.
@@ -74,4 +101,34 @@ fn default_paths() -> Vec<PathBuf> {
     user.into_iter()
         .chain([PathBuf::from("/etc/darter/config.toml")])
         .collect()
+}
+
+impl Config {
+    /// The registry client settings: the config file's, plus plain HTTP for
+    /// `plain_http_hosts` (from `--plain-http`) and explicit credentials.
+    pub fn client_config(
+        &self,
+        plain_http_hosts: &[String],
+        login: Option<(String, String, String)>,
+    ) -> darter_registry::ClientConfig {
+        let mut c = darter_registry::ClientConfig::default();
+        for (host, entry) in &self.registries {
+            if entry.plain_http {
+                c.plain_http.insert(host.clone());
+            }
+        }
+        c.plain_http.extend(plain_http_hosts.iter().cloned());
+        if let Some(secs) = self.registry.deadline {
+            c.retry.operation_deadline = Duration::from_secs(secs);
+        }
+        if let Some(n) = self.registry.attempts {
+            c.retry.max_attempts = n.max(1);
+        }
+        if let Some((registry, user, password)) = login {
+            let creds = darter_registry::CredentialSource::from_environment();
+            c.credentials =
+                creds.with_explicit(&registry, user, darter_registry::Secret::new(password));
+        }
+        c
+    }
 }

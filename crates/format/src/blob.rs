@@ -284,11 +284,15 @@ impl ChunkTable {
                     "raw frame whose stored and decompressed sizes differ".into()
                 ));
             }
-            if r.compressed_range().end > geometry.data_end {
+            // Checked: a wrapped end would pass the bound and leave an
+            // inverted `compressed_range()` for readers to trip over.
+            let frame_end = r
+                .compressed_offset
+                .checked_add(u64::from(r.compressed_size));
+            if frame_end.is_none_or(|end| end > geometry.data_end) {
                 return Err(bad(format!(
-                    "frame {:?} runs past the data area ending at {}",
-                    r.compressed_range(),
-                    geometry.data_end
+                    "frame at {} of {} bytes runs past the data area ending at {}",
+                    r.compressed_offset, r.compressed_size, geometry.data_end
                 )));
             }
             if index > 0 {
@@ -761,6 +765,38 @@ mod tests {
             assert!(table.digest(i).matches(data));
             assert_eq!(table.find(r.blkaddr), Some(i));
         }
+    }
+
+    /// Found by the `chunk_table` fuzz target: `compressed_offset +
+    /// compressed_size` overflowed (a panic with overflow checks, and a
+    /// wrapped end that passed the data-area bound without them).
+    #[test]
+    fn frame_end_overflow_is_rejected_not_wrapped() {
+        let record = ChunkRecord {
+            compressed_offset: u64::MAX - 10,
+            compressed_size: 100,
+            blkaddr: 0,
+            size: 10,
+            frame_offset: 0,
+            frame_size: 10,
+            compression: Compression::Zstd,
+            digest: [0; 32],
+        };
+        let raw = ChunkTable {
+            algo: DigestAlgo::Blake3,
+            records: vec![record],
+        }
+        .encode();
+        let geometry = BlobGeometry {
+            uncompressed_size: 4096,
+            data_end: 1000,
+            chunk_size: 4096,
+        };
+        let result = ChunkTable::decode(&raw, DigestAlgo::Blake3, &geometry);
+        assert!(
+            matches!(result, Err(BlobError::BadRecord { index: 0, ref detail }) if detail.contains("runs past the data area")),
+            "{result:?}"
+        );
     }
 
     #[test]

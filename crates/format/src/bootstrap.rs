@@ -7,7 +7,7 @@ use crate::ReadAt;
 use crate::blob::{BLOB_TRAILER_SIZE, BLOCK_BITS, BLOCK_SIZE, BlobSummary, BlobTrailer};
 use crate::compress::Compression;
 use crate::digest::{Digest, DigestAlgo};
-use crate::erofs::ondisk::DeviceSlot;
+use crate::erofs::ondisk::{DeviceSlot, SUPER_OFFSET};
 use crate::erofs::{self, Erofs, ReadError, WriteError};
 use crate::le::{Fields, FieldsMut};
 use crate::tree::Tree;
@@ -235,6 +235,7 @@ impl<R: ReadAt> Bootstrap<R> {
         if f.u32(12) != 0 || !f.is_zero(34..HEADER_SIZE) {
             return Err(bad("reserved header bytes are not zero".into()));
         }
+        check_zero_padding(&r)?;
         let digest_algo = DigestAlgo::from_code(f.u8(32))
             .ok_or_else(|| bad(format!("digest algorithm {}", f.u8(32))))?;
         let chunk_size_bits = f.u8(33);
@@ -283,6 +284,25 @@ impl<R: ReadAt> Bootstrap<R> {
     /// Chunk size in bytes.
     pub fn chunk_size(&self) -> u64 {
         1 << self.info.chunk_size_bits
+    }
+}
+
+/// Bytes from the end of the header to the EROFS superblock are reserved:
+/// they must be zero.
+fn check_zero_padding<R: ReadAt>(r: &R) -> Result<(), BootstrapError> {
+    let mut padding = [0u8; SUPER_OFFSET - HEADER_SIZE];
+    r.read_exact_at(&mut padding, HEADER_SIZE as u64)
+        .map_err(|source| ReadError::Io {
+            offset: HEADER_SIZE as u64,
+            len: padding.len(),
+            source,
+        })?;
+    match padding.iter().position(|&b| b != 0) {
+        None => Ok(()),
+        Some(at) => Err(BootstrapError::BadHeader(format!(
+            "reserved byte {} (between the header and the EROFS superblock) is not zero",
+            HEADER_SIZE + at
+        ))),
     }
 }
 

@@ -11,10 +11,9 @@ use darter_format::erofs::ondisk::{file_type, mode};
 use darter_format::erofs::{DirEntry, Inode};
 use darter_image::BlobSource;
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    IoctlFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags, IoctlFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 /// Kernel caching and request sizing.
@@ -176,7 +175,9 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_CACHE_SYMLINKS
-            | InitFlags::FUSE_MAX_PAGES;
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_NO_OPEN_SUPPORT
+            | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         // Capabilities the kernel lacks are simply not used.
         let _ = config.add_capabilities(wanted);
         let _ = config.set_max_readahead(self.opts.max_readahead);
@@ -230,14 +231,11 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(Errno::EROFS);
-        }
-        match self.inode(ino) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
-        }
+    /// ENOSYS makes the kernel stop sending OPEN and RELEASE altogether
+    /// and open files with `FOPEN_KEEP_CACHE`: no round trip per open.
+    /// Write opens never get here: the mount is read-only.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -291,15 +289,11 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
         reply.error(Errno::ENOTTY);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.inode(ino) {
-            Ok(i) if i.is_dir() => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Ok(_) => reply.error(Errno::ENOTDIR),
-            Err(e) => reply.error(e),
-        }
+    /// As for [`Self::open`]: no OPENDIR/RELEASEDIR round trips, and
+    /// directories opened with `FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE`, so a
+    /// directory's entries are read from us once.
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(

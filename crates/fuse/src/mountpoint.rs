@@ -27,11 +27,11 @@ pub enum MountpointError {
 }
 
 /// Makes `path` usable as a mountpoint. A mount left behind by a killed
-/// daemon answers every access with ENOTCONN ("Transport endpoint is not
+/// daemon answers every request with ENOTCONN ("Transport endpoint is not
 /// connected"); it is detached so the new mount can take its place.
 /// Returns true if a stale mount was removed.
 pub fn prepare_mountpoint(path: &Path) -> Result<bool, MountpointError> {
-    match rustix::fs::stat(path) {
+    match probe(path) {
         Ok(st)
             if rustix::fs::FileType::from_raw_mode(st.st_mode)
                 == rustix::fs::FileType::Directory =>
@@ -57,4 +57,13 @@ pub fn prepare_mountpoint(path: &Path) -> Result<bool, MountpointError> {
             source: e.into(),
         }),
     }
+}
+
+/// `stat` of `path`, after a `statfs` that a dead FUSE daemon's mount fails
+/// with ENOTCONN. `stat` alone does not tell: the kernel answers it for a
+/// FUSE root from its attribute cache, which a mount with long timeouts
+/// keeps valid long after its daemon died; `statfs` always asks the daemon.
+fn probe(path: &Path) -> rustix::io::Result<rustix::fs::Stat> {
+    rustix::fs::statfs(path)?;
+    rustix::fs::stat(path)
 }

@@ -90,3 +90,21 @@ impl BlobSource for LayoutBlobs {
         format!("oci:{}", self.layout.root().display())
     }
 }
+
+impl<T: BlobSource + ?Sized> BlobSource for Box<T> {
+    fn read_range(&self, digest: &OciDigest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        (**self).read_range(digest, offset, len)
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+}
+
+impl<T: BlobSource + ?Sized> BlobSource for std::sync::Arc<T> {
+    fn read_range(&self, digest: &OciDigest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+        (**self).read_range(digest, offset, len)
+    }
+    fn name(&self) -> String {
+        (**self).name()
+    }
+}

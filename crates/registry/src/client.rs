@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use crate::auth::{AuthState, Authorization, Scope};
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, RetryPolicy};
 use crate::error::{ErrorKind, OperationContext, RegistryError, redact_url};
 use crate::reference::{Repository, registry_api_host};
 use crate::upload::BlobSource;
@@ -284,14 +284,13 @@ impl Client {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
-        let policy = &self.config().retry;
-        let deadline = tokio::time::Instant::now() + policy.operation_deadline;
-        let mut attempts = 0;
+        let mut budget = RetryBudget::new(&self.config().retry);
         let mut last_error: Option<Failure> = None;
         loop {
-            attempts += 1;
             let outcome = match mode {
-                DeadlineMode::CutAttempts => tokio::time::timeout_at(deadline, attempt()).await,
+                DeadlineMode::CutAttempts => {
+                    tokio::time::timeout_at(budget.deadline, attempt()).await
+                }
                 DeadlineMode::BetweenAttempts => Ok(attempt().await),
             };
             let failure = match outcome {
@@ -300,21 +299,64 @@ impl Client {
                 Err(_elapsed) => {
                     let url = last_error.as_ref().and_then(|f| f.url.clone());
                     let kind = ErrorKind::DeadlineExceeded {
-                        deadline: policy.operation_deadline,
+                        deadline: budget.policy.operation_deadline,
                         last_error: last_error.map(|f| Box::new(f.kind)),
                     };
+                    let attempts = budget.failures + 1;
                     return Err(Failure { url, kind }.into_error(context, attempts));
                 }
             };
-            let backoff = policy.backoff(attempts);
-            let out_of_time = tokio::time::Instant::now() + backoff >= deadline;
-            if !failure.kind.is_retryable() || attempts >= policy.max_attempts || out_of_time {
-                return Err(failure.into_error(context, attempts));
-            }
-            warn!(%context, attempt = attempts, error = %failure.kind, ?backoff, "transient registry failure, retrying");
+            let Some(backoff) = budget.retry_after(&failure.kind) else {
+                return Err(failure.into_error(context, budget.failures));
+            };
+            warn!(%context, attempt = budget.failures, error = %failure.kind, ?backoff, "transient registry failure, retrying");
             tokio::time::sleep(backoff).await;
             last_error = Some(failure);
         }
+    }
+}
+
+/// What is left of the [`RetryPolicy`] for one operation: failures in a row
+/// count against `max_attempts`, and no retry starts whose backoff would end
+/// past the deadline.
+#[derive(Debug)]
+pub(crate) struct RetryBudget<'a> {
+    policy: &'a RetryPolicy,
+    deadline: tokio::time::Instant,
+    failures: u32,
+}
+
+impl<'a> RetryBudget<'a> {
+    /// A full budget, its deadline `operation_deadline` from now.
+    pub(crate) fn new(policy: &'a RetryPolicy) -> RetryBudget<'a> {
+        RetryBudget {
+            policy,
+            deadline: tokio::time::Instant::now() + policy.operation_deadline,
+            failures: 0,
+        }
+    }
+
+    /// Failed attempts since the start or the last progress.
+    pub(crate) fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Counts a failure of `kind`. Returns the pause before the next
+    /// attempt, or `None` if the failure is final, the attempts are used up
+    /// or the pause would end past the deadline.
+    pub(crate) fn retry_after(&mut self, kind: &ErrorKind) -> Option<Duration> {
+        self.failures += 1;
+        let backoff = self.policy.backoff(self.failures);
+        let out_of_time = tokio::time::Instant::now() + backoff >= self.deadline;
+        let allowed = kind.is_retryable() && self.failures < self.policy.max_attempts;
+        (allowed && !out_of_time).then_some(backoff)
+    }
+
+    /// The operation moved forward (e.g. a chunk was stored): the budget is
+    /// full again, so long transfers may recover from any number of spaced
+    /// out failures while a persistent one still ends within the deadline.
+    pub(crate) fn progressed(&mut self) {
+        *self = RetryBudget::new(self.policy);
     }
 }
 
@@ -452,5 +494,65 @@ pub(crate) async fn expect_status(
         Ok(response)
     } else {
         Err(status_failure(response).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> ErrorKind {
+        ErrorKind::Status {
+            status,
+            code: None,
+            message: None,
+        }
+    }
+
+    fn policy(max_attempts: u32, deadline: Duration) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+            operation_deadline: deadline,
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_budgets_count_failures_in_a_row() {
+        let policy = policy(3, Duration::from_secs(60));
+        let mut budget = RetryBudget::new(&policy);
+        assert!(budget.retry_after(&status(503)).is_some());
+        assert!(budget.retry_after(&status(503)).is_some());
+        assert!(
+            budget.retry_after(&status(503)).is_none(),
+            "third failure ends it"
+        );
+        assert_eq!(budget.failures(), 3);
+        budget.progressed();
+        assert_eq!(budget.failures(), 0);
+        assert!(
+            budget.retry_after(&status(503)).is_some(),
+            "progress refills it"
+        );
+        assert!(
+            budget.retry_after(&status(404)).is_none(),
+            "final failures end it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budgets_end_at_the_deadline_and_progress_moves_it() {
+        let policy = policy(1000, Duration::from_secs(1));
+        let mut budget = RetryBudget::new(&policy);
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert!(budget.retry_after(&status(503)).is_some());
+        tokio::time::advance(Duration::from_millis(95)).await;
+        assert!(
+            budget.retry_after(&status(503)).is_none(),
+            "backoff would pass it"
+        );
+        budget.progressed();
+        assert!(budget.retry_after(&status(503)).is_some());
     }
 }

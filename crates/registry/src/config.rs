@@ -18,7 +18,8 @@ pub struct RetryPolicy {
     /// Overall time an operation (all its attempts and backoffs) may take.
     /// Streams are bounded per (re)connection, not in total; a running blob
     /// upload is not cut (its length depends on the blob), the deadline only
-    /// stops further retries.
+    /// stops further retries. Chunked uploads count attempts and deadline
+    /// from their last stored chunk.
     pub operation_deadline: Duration,
 }
 
@@ -67,7 +68,8 @@ pub struct ClientConfig {
     /// Largest manifest accepted (hostile registries could send gigabytes).
     pub max_manifest_size: u64,
     /// Blobs up to this size are uploaded in one PUT; larger ones in PATCH
-    /// chunks of this size.
+    /// chunks of this size. Streaming uploads send each append in PATCHes
+    /// of at most this size.
     pub upload_chunk_size: u64,
     /// Where credentials come from.
     pub credentials: CredentialSource,

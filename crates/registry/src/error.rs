@@ -223,6 +223,16 @@ pub enum ErrorKind {
         /// The failure that caused the last retry, if any.
         last_error: Option<Box<ErrorKind>>,
     },
+    /// The registry no longer knows an upload session (e.g. distribution
+    /// drops one whose PATCH broke off mid-body). Bytes sent in it are
+    /// gone; a new upload can succeed.
+    #[error("upload session lost after {acknowledged} acknowledged bytes: {cause}")]
+    UploadSessionLost {
+        /// Bytes the registry had acknowledged before it lost the session.
+        acknowledged: u64,
+        /// The answer that showed the loss.
+        cause: Box<ErrorKind>,
+    },
     /// The HTTP client could not be set up.
     #[error("cannot set up the HTTP client: {0}")]
     Setup(String),
@@ -243,7 +253,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Status { status, .. } => is_retryable_status(*status),
             ErrorKind::Transport { retryable, .. } => *retryable,
-            ErrorKind::Truncated { .. } => true,
+            ErrorKind::Truncated { .. } | ErrorKind::UploadSessionLost { .. } => true,
             _ => false,
         }
     }

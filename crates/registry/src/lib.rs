@@ -6,7 +6,9 @@
 //! cached per scope and renewed before expiry or after a 401, so long-lived
 //! mounts keep working), and the operations: manifests (get, verify, pick a
 //! platform, put), blobs (HEAD, verified resumable streams, exact range
-//! reads, pushes with dedup, cross-repository mounts and chunked uploads).
+//! reads, pushes with dedup, cross-repository mounts and chunked uploads,
+//! and [`StreamingUpload`]s of blobs produced on the fly whose size and
+//! digest are known only at the end).
 //! Transient failures are retried with backoff within a per-operation
 //! deadline; everything else is a [`RegistryError`] naming the operation,
 //! repository, digest and URL.
@@ -36,6 +38,7 @@ mod credentials;
 mod error;
 pub mod manifest;
 mod reference;
+mod streaming_upload;
 mod upload;
 
 pub use blob::{BlobRange, BlobSlice, BlobStream};
@@ -46,4 +49,5 @@ pub use darter_format::Digest;
 pub use error::{ErrorKind, OperationContext, RegistryError};
 pub use manifest::{Manifest, Platform};
 pub use reference::{DEFAULT_TAG, DOCKER_HUB, Reference, ReferenceError, Repository};
+pub use streaming_upload::StreamingUpload;
 pub use upload::{BlobSource, PushOutcome};

@@ -16,7 +16,7 @@ use url::Url;
 
 use crate::auth::Scope;
 use crate::client::{
-    Client, DeadlineMode, Failure, Request, RequestBody, bad_response, expect_status,
+    Client, DeadlineMode, Failure, Request, RequestBody, RetryBudget, bad_response, expect_status,
     resolve_location,
 };
 use crate::error::{ErrorKind, OperationContext, RegistryError};
@@ -110,19 +110,58 @@ pub enum PushOutcome {
 }
 
 /// Where an upload session stands: its next URL and how many bytes the
-/// registry holds.
-struct UploadProgress {
-    session: Url,
-    offset: u64,
+/// registry acknowledged.
+#[derive(Debug, Clone)]
+pub(crate) struct UploadProgress {
+    pub(crate) session: Url,
+    pub(crate) offset: u64,
 }
 
-/// The bytes a registry holds, from `Range: 0-LAST`. Registries send `0-0`
-/// for an empty upload as well as a 1-byte one; it is read as empty (a wrong
-/// guess ends in the registry's digest check failing, never in bad data).
-fn upload_range_offset(response: &Response) -> Option<u64> {
+/// Bytes at hand for an upload: `source` holds blob bytes `start..end`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SourceWindow<'a> {
+    pub(crate) source: &'a BlobSource,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+}
+
+impl SourceWindow<'_> {
+    /// Blob bytes `offset..end` as a request body.
+    fn body(&self, offset: u64, end: u64) -> RequestBody<'_> {
+        RequestBody::Source {
+            source: self.source,
+            offset: offset - self.start,
+            len: end - offset,
+        }
+    }
+}
+
+/// The repository of an upload and the auth scopes its requests need.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UploadTarget<'a> {
+    pub(crate) repository: &'a Repository,
+    pub(crate) scopes: &'a [Scope],
+}
+
+impl<'a> UploadTarget<'a> {
+    /// A bodiless request in this upload's repository and scopes.
+    pub(crate) fn request(&self, method: Method, url: Url) -> Request<'a> {
+        Request::new(method, url, self.repository, self.scopes)
+    }
+}
+
+/// The last byte index in an upload answer's `Range: 0-LAST`.
+fn upload_range_last(response: &Response) -> Option<u64> {
     let value = response.headers().get("range")?.to_str().ok()?;
-    let last: u64 = value.trim().strip_prefix("0-")?.parse().ok()?;
-    Some(if last == 0 { 0 } else { last + 1 })
+    value.trim().strip_prefix("0-")?.parse().ok()
+}
+
+/// The bytes a registry holds according to `Range: 0-LAST`. Registries send
+/// `0-0` for an empty upload as well as a 1-byte one; `floor`, a count the
+/// registry is known to hold at least, decides (a wrong guess ends in the
+/// registry refusing the next chunk or the digest, never in bad data).
+fn upload_range_offset(response: &Response, floor: u64) -> Option<u64> {
+    upload_range_last(response).map(|last| if last == 0 { floor.min(1) } else { last + 1 })
 }
 
 /// `request` carrying `body`, `len` raw bytes.
@@ -131,6 +170,23 @@ fn octet_stream<'a>(request: Request<'a>, body: RequestBody<'a>, len: u64) -> Re
         .header(CONTENT_TYPE, HeaderValue::from_static(OCTET_STREAM))
         .header(CONTENT_LENGTH, HeaderValue::from(len))
         .body(body)
+}
+
+/// `failure` of a session the registry no longer knows, which had
+/// `acknowledged` bytes.
+fn session_lost(failure: Failure, acknowledged: u64) -> Failure {
+    let kind = ErrorKind::UploadSessionLost {
+        acknowledged,
+        cause: Box::new(failure.kind),
+    };
+    Failure {
+        url: failure.url,
+        kind,
+    }
+}
+
+fn is_not_found(kind: &ErrorKind) -> bool {
+    matches!(kind, ErrorKind::Status { status: 404, .. })
 }
 
 impl Client {
@@ -161,12 +217,14 @@ impl Client {
         let mut scopes = vec![Scope::push(repository)];
         scopes.extend(mount_from.map(Scope::pull));
         let push = BlobPush {
-            repository,
+            target: UploadTarget {
+                repository,
+                scopes: &scopes,
+            },
             digest,
             source,
             size,
             mount_from,
-            scopes: &scopes,
         };
         self.retry_loop(&context, DeadlineMode::BetweenAttempts, || {
             self.push_blob_once(&push)
@@ -175,8 +233,9 @@ impl Client {
     }
 
     async fn push_blob_once(&self, push: &BlobPush<'_>) -> Result<PushOutcome, Failure> {
+        let target = push.target;
         if let Some(present) = self
-            .head_blob(push.repository, push.digest, push.scopes)
+            .head_blob(target.repository, push.digest, target.scopes)
             .await?
         {
             if present != push.size {
@@ -187,141 +246,242 @@ impl Client {
         let Some(session) = self.start_upload(push).await? else {
             return Ok(PushOutcome::Mounted);
         };
+        let window = SourceWindow {
+            source: push.source,
+            start: 0,
+            end: push.size,
+        };
         if push.size <= self.config().upload_chunk_size {
-            let body = RequestBody::Source {
-                source: push.source,
-                offset: 0,
-                len: push.size,
-            };
-            self.finish_upload(push, session, body, push.size).await?;
+            let body = window.body(0, push.size);
+            self.finish_upload(target, session, push.digest, body, push.size)
+                .await?;
         } else {
-            let session = self.upload_chunks(push, session).await?;
-            self.finish_upload(push, session, RequestBody::Empty, 0)
+            let mut progress = UploadProgress { session, offset: 0 };
+            let mut budget = RetryBudget::new(&self.config().retry);
+            // A lost session fails this attempt; the retry starts a new one.
+            self.upload_window(target, &mut progress, window, &mut budget)
+                .await?;
+            let (session, body) = (progress.session, RequestBody::Empty);
+            self.finish_upload(target, session, push.digest, body, 0)
                 .await?;
         }
         Ok(PushOutcome::Uploaded)
     }
 
-    /// POSTs a new upload (with a mount attempt if asked). `None` means the
+    /// Starts the upload, with a mount attempt if asked. `None` means the
     /// mount succeeded; otherwise the session URL.
     async fn start_upload(&self, push: &BlobPush<'_>) -> Result<Option<Url>, Failure> {
-        let mut url = self.repository_url(push.repository, "blobs/uploads/")?;
-        if let Some(from) = push.mount_from {
-            url.query_pairs_mut()
-                .append_pair("mount", &push.digest.to_string())
-                .append_pair("from", from.path());
+        match push.mount_from {
+            Some(from) => self.try_mount(push.target, push.digest, from).await,
+            None => self.open_upload_session(push.target).await.map(Some),
         }
-        let request = push.request(Method::POST, url);
+    }
+
+    /// POSTs a cross-repository mount of `digest` from `from`. `None` means
+    /// it was mounted; otherwise the registry opened an upload session
+    /// instead, whose URL is returned.
+    async fn try_mount(
+        &self,
+        target: UploadTarget<'_>,
+        digest: &Digest,
+        from: &Repository,
+    ) -> Result<Option<Url>, Failure> {
+        let mut url = self.repository_url(target.repository, "blobs/uploads/")?;
+        url.query_pairs_mut()
+            .append_pair("mount", &digest.to_string())
+            .append_pair("from", from.path());
+        let request = target.request(Method::POST, url);
         let response = self.execute(&request).await?;
         let accepted = [StatusCode::CREATED, StatusCode::ACCEPTED];
         let response = expect_status(response, &accepted).await?;
-        if response.status() == StatusCode::CREATED && push.mount_from.is_some() {
-            debug!(digest = %push.digest, "blob mounted from another repository");
+        if response.status() == StatusCode::CREATED {
+            debug!(%digest, %from, "blob mounted from another repository");
             return Ok(None);
         }
         resolve_location(&request.url, &response).map(Some)
     }
 
-    /// PATCHes the source in chunks; after a transient failure asks the
-    /// registry how far it got and continues from there.
-    async fn upload_chunks(&self, push: &BlobPush<'_>, session: Url) -> Result<Url, Failure> {
-        let chunk_size = self.config().upload_chunk_size.max(1);
-        let policy = &self.config().retry;
-        let mut progress = UploadProgress { session, offset: 0 };
-        let mut stalls = 0;
-        while progress.offset < push.size {
-            let end = (progress.offset + chunk_size).min(push.size);
-            match self.patch_chunk(push, &progress, end).await {
-                Ok(next) if next.offset > progress.offset && next.offset <= end => {
-                    progress = next;
-                    stalls = 0;
-                }
-                Ok(next) => {
-                    let what = format!(
-                        "upload offset went from {} to {} after sending up to {end}",
-                        progress.offset, next.offset
-                    );
-                    return Err(Failure::at(&next.session, bad_response(what)));
-                }
-                Err(failure) if failure.kind.is_retryable() && stalls + 1 < policy.max_attempts => {
-                    stalls += 1;
-                    let backoff = policy.backoff(stalls);
-                    warn!(digest = %push.digest, offset = progress.offset, error = %failure.kind, ?backoff, "chunk upload failed, resuming");
-                    tokio::time::sleep(backoff).await;
-                    // If even the status query fails, the whole push is retried.
-                    progress = self
-                        .upload_status(push, &progress.session)
-                        .await
-                        .map_err(|_| failure)?;
-                }
-                Err(failure) => return Err(failure),
-            }
+    /// Links blob `digest` from repository `from` of the same registry into
+    /// `repository` without transferring it. Returns false when the
+    /// registry would not (the blob is not in `from`, or `from` is on
+    /// another registry); the caller then uploads it. Needs push on
+    /// `repository` and pull on `from`.
+    pub async fn mount_blob(
+        &self,
+        repository: &Repository,
+        digest: &Digest,
+        from: &Repository,
+    ) -> Result<bool, RegistryError> {
+        if from.registry() != repository.registry() || from == repository {
+            return Ok(false);
         }
-        Ok(progress.session)
+        let scopes = [Scope::push(repository), Scope::pull(from)];
+        let target = UploadTarget {
+            repository,
+            scopes: &scopes,
+        };
+        let context = OperationContext {
+            operation: "mount blob",
+            repository: repository.to_string(),
+            object: Some(digest.to_string()),
+        };
+        let session = self
+            .retry_loop(&context, DeadlineMode::BetweenAttempts, || {
+                self.try_mount(target, digest, from)
+            })
+            .await?;
+        let Some(session) = session else {
+            return Ok(true);
+        };
+        // The registry opened an upload session instead; close it.
+        let request = target.request(Method::DELETE, session);
+        if let Err(failure) = self.execute(&request).await {
+            debug!(error = %failure.kind, "cannot close the upload session a refused mount opened");
+        }
+        Ok(false)
     }
 
+    /// POSTs a new upload session; its URL.
+    pub(crate) async fn open_upload_session(
+        &self,
+        target: UploadTarget<'_>,
+    ) -> Result<Url, Failure> {
+        let url = self.repository_url(target.repository, "blobs/uploads/")?;
+        let request = target.request(Method::POST, url);
+        let response = self.execute(&request).await?;
+        let accepted = [StatusCode::ACCEPTED, StatusCode::CREATED];
+        let response = expect_status(response, &accepted).await?;
+        resolve_location(&request.url, &response)
+    }
+
+    /// PATCHes blob bytes `progress.offset..window.end` in chunks of at most
+    /// `upload_chunk_size`, keeping `progress` current. After a transient
+    /// failure it backs off, asks the registry how far it got and goes on
+    /// from there, within `budget`. A session the registry has dropped is
+    /// [`ErrorKind::UploadSessionLost`].
+    pub(crate) async fn upload_window(
+        &self,
+        target: UploadTarget<'_>,
+        progress: &mut UploadProgress,
+        window: SourceWindow<'_>,
+        budget: &mut RetryBudget<'_>,
+    ) -> Result<(), Failure> {
+        let chunk_size = self.config().upload_chunk_size.max(1);
+        let mut resuming = false;
+        loop {
+            let step = if resuming {
+                self.upload_status(target, progress, window).await
+            } else if progress.offset < window.end {
+                let end = (progress.offset + chunk_size).min(window.end);
+                self.patch_chunk(target, progress, window, end).await
+            } else {
+                return Ok(());
+            };
+            let failure = match step {
+                Ok(next) => {
+                    if !resuming {
+                        budget.progressed();
+                    }
+                    *progress = next;
+                    resuming = false;
+                    continue;
+                }
+                Err(failure) => failure,
+            };
+            let gone = (resuming && !failure.kind.is_retryable()) || is_not_found(&failure.kind);
+            if gone {
+                return Err(session_lost(failure, progress.offset));
+            }
+            let Some(backoff) = budget.retry_after(&failure.kind) else {
+                return Err(failure);
+            };
+            warn!(repository = %target.repository, offset = progress.offset, error = %failure.kind, ?backoff, "blob upload failed, resuming");
+            tokio::time::sleep(backoff).await;
+            resuming = true;
+        }
+    }
+
+    /// Sends blob bytes `progress.offset..end`; the registry must take some
+    /// and no more.
     async fn patch_chunk(
         &self,
-        push: &BlobPush<'_>,
+        target: UploadTarget<'_>,
         progress: &UploadProgress,
+        window: SourceWindow<'_>,
         end: u64,
     ) -> Result<UploadProgress, Failure> {
-        let len = end - progress.offset;
         let content_range = format!("{}-{}", progress.offset, end - 1);
         let content_range = HeaderValue::try_from(content_range).map_err(|_| {
             Failure::without_url(ErrorKind::InvalidRequest("bad Content-Range".to_owned()))
         })?;
-        let body = RequestBody::Source {
-            source: push.source,
-            offset: progress.offset,
-            len,
-        };
-        let request = push.request(Method::PATCH, progress.session.clone());
-        let request = octet_stream(request, body, len)
+        let body = window.body(progress.offset, end);
+        let request = target.request(Method::PATCH, progress.session.clone());
+        let request = octet_stream(request, body, end - progress.offset)
             .header(HeaderName::from_static("content-range"), content_range);
         let response = self.execute(&request).await?;
         let response = expect_status(response, &[StatusCode::ACCEPTED]).await?;
+        // An accepted chunk leaves the registry with at least one byte.
+        let offset = upload_range_offset(&response, end).unwrap_or(end);
+        if offset <= progress.offset || offset > end {
+            let what = format!(
+                "upload offset went from {} to {offset} after sending up to {end}",
+                progress.offset
+            );
+            return Err(Failure::at(&request.url, bad_response(what)));
+        }
         Ok(UploadProgress {
             session: resolve_location(&request.url, &response)
                 .unwrap_or_else(|_| request.url.clone()),
-            offset: upload_range_offset(&response).unwrap_or(end),
+            offset,
         })
     }
 
+    /// Asks how many bytes the registry holds; they must lie in `window`,
+    /// the bytes that can still be sent.
     async fn upload_status(
         &self,
-        push: &BlobPush<'_>,
-        session: &Url,
+        target: UploadTarget<'_>,
+        progress: &UploadProgress,
+        window: SourceWindow<'_>,
     ) -> Result<UploadProgress, Failure> {
-        let request = push.request(Method::GET, session.clone());
+        let session = &progress.session;
+        let request = target.request(Method::GET, session.clone());
         let response = self.execute(&request).await?;
         let response = expect_status(response, &[StatusCode::NO_CONTENT, StatusCode::OK]).await?;
+        let offset = upload_range_offset(&response, progress.offset).unwrap_or(0);
+        if !(window.start..=window.end).contains(&offset) {
+            let what = format!(
+                "registry holds {offset} bytes of the upload, outside the {}..={} still at hand",
+                window.start, window.end
+            );
+            return Err(Failure::at(session, bad_response(what)));
+        }
         Ok(UploadProgress {
             session: resolve_location(session, &response).unwrap_or_else(|_| session.clone()),
-            offset: upload_range_offset(&response).unwrap_or(0),
+            offset,
         })
     }
 
     /// The closing PUT with `?digest=`, carrying `body` (the whole blob for
     /// a monolithic upload, nothing after chunks).
-    async fn finish_upload(
+    pub(crate) async fn finish_upload(
         &self,
-        push: &BlobPush<'_>,
+        target: UploadTarget<'_>,
         mut session: Url,
+        digest: &Digest,
         body: RequestBody<'_>,
         len: u64,
     ) -> Result<(), Failure> {
         session
             .query_pairs_mut()
-            .append_pair("digest", &push.digest.to_string());
-        let request = octet_stream(push.request(Method::PUT, session), body, len);
+            .append_pair("digest", &digest.to_string());
+        let request = octet_stream(target.request(Method::PUT, session), body, len);
         let response = self.execute(&request).await?;
         let response = expect_status(response, &[StatusCode::CREATED]).await?;
         match header_digest(&response) {
-            Some(stored) if stored != *push.digest => Err(Failure::at(
-                &request.url,
-                digest_mismatch(push.digest, &stored),
-            )),
+            Some(stored) if stored != *digest => {
+                Err(Failure::at(&request.url, digest_mismatch(digest, &stored)))
+            }
             _ => Ok(()),
         }
     }
@@ -329,19 +489,11 @@ impl Client {
 
 /// Everything one blob push needs, passed down the steps.
 struct BlobPush<'a> {
-    repository: &'a Repository,
+    target: UploadTarget<'a>,
     digest: &'a Digest,
     source: &'a BlobSource,
     size: u64,
     mount_from: Option<&'a Repository>,
-    scopes: &'a [Scope],
-}
-
-impl<'a> BlobPush<'a> {
-    /// A bodiless request in this push's repository and scopes.
-    fn request(&self, method: Method, url: Url) -> Request<'a> {
-        Request::new(method, url, self.repository, self.scopes)
-    }
 }
 
 #[cfg(test)]
@@ -361,5 +513,38 @@ mod tests {
         let short = BlobSource::from(b"abc".to_vec());
         assert!(short.body(2, 2).await.is_err());
         assert!(short.body(1, 2).await.is_ok());
+    }
+
+    fn answer_with_range(range: Option<&str>) -> Response {
+        let mut answer = hyper::Response::builder().status(202);
+        if let Some(range) = range {
+            answer = answer.header("range", range);
+        }
+        Response::from(answer.body(Vec::new()).unwrap())
+    }
+
+    #[test]
+    fn upload_ranges_read_as_byte_counts() {
+        // (Range header, bytes known to be held, bytes read)
+        let cases = [
+            (Some("0-99"), 0, Some(100)),
+            (Some(" 0-4095 "), 7, Some(4096)),
+            // 0-0 is both "empty" and "one byte": the floor decides.
+            (Some("0-0"), 0, Some(0)),
+            (Some("0-0"), 1, Some(1)),
+            (Some("0-0"), 5000, Some(1)),
+            (Some("bytes=0-9"), 0, None),
+            (Some("5-9"), 0, None),
+            (Some("0-x"), 0, None),
+            (None, 0, None),
+        ];
+        for (range, floor, want) in cases {
+            let answer = answer_with_range(range);
+            assert_eq!(
+                upload_range_offset(&answer, floor),
+                want,
+                "{range:?} {floor}"
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! background thread with its own runtime, usable from sync and async tests)
 //! and [`FaultProxy`], an HTTP/1.1 proxy in front of a real server that
 //! injects planned faults: error statuses, connection resets, truncated,
-//! stalled or corrupted bodies, delays.
+//! stalled or corrupted bodies, delays, request bodies cut off mid-way.
 //!
 //! Faults are planned with [`FaultRule`]s ("the next 2 GETs under /blobs/
 //! answer 503"); every request is logged with the fault applied and the
@@ -21,6 +21,7 @@ use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// Error type of [`Body`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -221,6 +222,10 @@ pub enum Fault {
     },
     /// Forward, inverting the body byte at this offset.
     FlipByte(u64),
+    /// Forward the request with its body cut off after this many bytes,
+    /// then reset the client's connection. The target sees its client
+    /// vanish mid-body and has finished handling that before the reset.
+    CutRequestBody(u64),
 }
 
 /// "Apply `fault` to the next `times` requests matching the filters."
@@ -390,6 +395,12 @@ impl ProxyState {
         match fault {
             Some(Fault::Status(status)) => response(status, &[("content-length", "0")], "").into(),
             Some(Fault::Reset) => Reply::Reset,
+            Some(Fault::CutRequestBody(limit)) => {
+                if let Err(error) = self.send_cut_request(request, limit).await {
+                    tracing::warn!(%error, "fault proxy could not deliver a cut request");
+                }
+                Reply::Reset
+            }
             Some(Fault::Delay(delay)) => {
                 tokio::time::sleep(delay).await;
                 self.forward(request, None).await
@@ -428,7 +439,49 @@ impl ProxyState {
         tokio::spawn(connection);
         Ok(sender.send_request(request).await?)
     }
+
+    /// Sends `request` upstream with only `limit` body bytes and half-closes
+    /// the connection, then reads until the target closes it: the target has
+    /// handled the broken request by then, so what the client does next
+    /// meets its aftermath, not a race with it.
+    async fn send_cut_request(
+        &self,
+        request: Request<Incoming>,
+        limit: u64,
+    ) -> Result<(), BoxError> {
+        let (parts, mut body) = request.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut head = format!("{} {target} HTTP/1.1\r\n", parts.method).into_bytes();
+        for (name, value) in &parts.headers {
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut stream = tokio::net::TcpStream::connect(self.target).await?;
+        stream.write_all(&head).await?;
+        let mut sent = 0;
+        while sent < limit {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            let take = (limit - sent).min(data.len() as u64);
+            stream.write_all(&data[..take as usize]).await?;
+            sent += take;
+        }
+        stream.shutdown().await?;
+        let mut answer = Vec::new();
+        tokio::time::timeout(CUT_REQUEST_ANSWER_TIMEOUT, stream.read_to_end(&mut answer)).await??;
+        Ok(())
+    }
 }
+
+/// Longest wait for the target to finish with a cut request.
+const CUT_REQUEST_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the body transformer emits next.
 enum BodyStep {
@@ -625,6 +678,38 @@ mod tests {
         let reply = raw_get(proxy.addr(), "/").unwrap();
         assert_eq!(body_of(&reply), b"0123456789");
         assert!(started.elapsed() >= pause);
+    }
+
+    #[test]
+    fn cut_request_body_delivers_a_prefix_then_resets() {
+        let received = Arc::new(Mutex::new(None));
+        let seen = received.clone();
+        let origin = LoopbackServer::start(move |request: Request<Incoming>| {
+            let seen = seen.clone();
+            async move {
+                let mut body = request.into_body();
+                let mut bytes = 0;
+                while let Some(Ok(frame)) = body.frame().await {
+                    bytes += frame.data_ref().map_or(0, Bytes::len);
+                }
+                *lock(&seen) = Some(bytes);
+                response(400, &[], "")
+            }
+        });
+        let proxy = FaultProxy::start(origin.addr());
+        proxy.inject(FaultRule::new(Fault::CutRequestBody(4)));
+        let mut stream = std::net::TcpStream::connect(proxy.addr()).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789"
+        )
+        .unwrap();
+        let err = stream.read_to_end(&mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+        assert_eq!(*lock(&received), Some(4));
     }
 
     #[test]

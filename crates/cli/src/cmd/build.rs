@@ -3,43 +3,64 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use darter_builder::{BuildOptions, ChunkSettings, Source};
+use darter_builder::{BuildOptions, ChunkSettings, Parent, Source};
 use darter_format::DigestAlgo;
 use darter_format::blob::{DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use darter_format::compress::Compression;
+use darter_remote::Stores;
 
 use crate::cli::BuildArgs;
 use crate::config::BuildConfig;
 use crate::output::{BuildProgress, print_json};
 use crate::units::{human, parse_size};
 
-use super::{Outcome, layout_ref};
+use super::{Context, Outcome, image_ref};
 
 const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
-pub fn run(args: &BuildArgs, config: &BuildConfig, quiet: bool) -> anyhow::Result<Outcome> {
+pub fn run(
+    args: &BuildArgs,
+    ctx: &Context,
+    config: &BuildConfig,
+    quiet: bool,
+) -> anyhow::Result<Outcome> {
     let settings = settings(args, config)?;
-    let source = if args.source.starts_with("oci:") {
-        Source::Oci(layout_ref(&args.source)?)
-    } else {
-        let dir = PathBuf::from(&args.source);
-        if !dir.is_dir() {
-            bail!(
-                "source {:?} is neither a directory nor an oci:PATH[:TAG] image",
-                args.source
-            );
-        }
+    let stores = ctx.stores();
+    let dir = PathBuf::from(&args.source);
+    let source = if dir.is_dir() {
         Source::Dir(dir)
+    } else {
+        let reference = image_ref(&args.source).with_context(|| {
+            format!(
+                "source {:?} is neither a directory nor an image reference",
+                args.source
+            )
+        })?;
+        let image = stores
+            .source_image(&reference, args.platform.as_deref())
+            .with_context(|| format!("opening {}", args.source))?;
+        Source::Image(image)
     };
-    let output = layout_ref(&args.output)?;
-    let parent = args.parent.as_deref().map(layout_ref).transpose()?;
-    let opts = BuildOptions {
-        settings,
-        parent,
-        platform: args.platform.clone(),
+    let output = image_ref(&args.output)?;
+    let parent = match &args.parent {
+        None => None,
+        Some(p) => {
+            let reference = image_ref(p)?;
+            let image = stores
+                .open_image(&reference)
+                .with_context(|| format!("opening parent {p}"))?;
+            Some(Parent {
+                image,
+                mount_from: Stores::mount_from(&reference),
+            })
+        }
     };
+    let (sink, tag) = stores
+        .sink(&output)
+        .with_context(|| format!("opening {}", args.output))?;
+    let opts = BuildOptions { settings, tag };
     let progress = BuildProgress::new(quiet || args.json);
-    let report = darter_builder::build(&source, &output, &opts, &progress);
+    let report = darter_builder::build(&source, parent.as_ref(), sink.as_ref(), &opts, &progress);
     progress.finish();
     let report =
         report.with_context(|| format!("building {} from {}", args.output, args.source))?;
@@ -48,7 +69,7 @@ pub fn run(args: &BuildArgs, config: &BuildConfig, quiet: bool) -> anyhow::Resul
     } else if !quiet {
         let c = &report.chunks;
         println!(
-            "built {} ({}): {} entries, {} in, {} stored in {} new blob(s) + {} bootstrap; {} chunks, {} deduplicated ({}), dedup ratio {:.2}; {:.2} s ({}/s)",
+            "built {} ({}): {} entries, {} in, {} stored in {} new blob(s) + {} bootstrap; {} chunks, {} deduplicated ({}), dedup ratio {:.2}; sent {} of {} the image references; {:.2} s ({}/s)",
             report.image,
             report.manifest_digest,
             report.entries,
@@ -60,6 +81,8 @@ pub fn run(args: &BuildArgs, config: &BuildConfig, quiet: bool) -> anyhow::Resul
             c.deduped,
             human(c.deduped_bytes),
             report.dedup_ratio,
+            human(report.sent_bytes),
+            human(report.image_bytes),
             report.seconds,
             human((report.bytes_in as f64 / report.seconds.max(1e-9)) as u64),
         );

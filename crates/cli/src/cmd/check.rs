@@ -4,10 +4,10 @@ use crate::cli::CheckArgs;
 use crate::output::print_json;
 use crate::units::human;
 
-use super::{Outcome, open_image};
+use super::{Context, Outcome};
 
-pub fn run(args: &CheckArgs) -> anyhow::Result<Outcome> {
-    let image = open_image(&args.image)?;
+pub fn run(args: &CheckArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    let image = ctx.open_image(&args.image)?;
     let report = darter_image::check(&image);
     if args.json {
         print_json(&report)?;

@@ -5,10 +5,10 @@ use anyhow::Context as _;
 use crate::cli::ExportArgs;
 use crate::output::print_json;
 
-use super::{Outcome, open_image};
+use super::{Context, Outcome};
 
-pub fn run(args: &ExportArgs) -> anyhow::Result<Outcome> {
-    let image = open_image(&args.image)?;
+pub fn run(args: &ExportArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    let image = ctx.open_image(&args.image)?;
     let report = darter_image::export(&image, &args.dir)
         .with_context(|| format!("exporting {} into {}", args.image, args.dir.display()))?;
     if args.json {

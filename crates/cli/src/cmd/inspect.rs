@@ -4,10 +4,10 @@ use crate::cli::InspectArgs;
 use crate::output::print_json;
 use crate::units::human;
 
-use super::{Outcome, open_image};
+use super::{Context, Outcome};
 
-pub fn run(args: &InspectArgs) -> anyhow::Result<Outcome> {
-    let image = open_image(&args.image)?;
+pub fn run(args: &InspectArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    let image = ctx.open_image(&args.image)?;
     let s = darter_image::inspect(&image)?;
     if args.json {
         print_json(&s)?;

@@ -4,6 +4,7 @@
 mod build;
 mod cache;
 mod check;
+mod copy;
 mod export;
 mod inspect;
 mod mount;
@@ -11,7 +12,8 @@ mod stats;
 mod unpack;
 
 use anyhow::Context as _;
-use darter_oci::LayoutRef;
+use darter_image::{BlobSource, Image};
+use darter_remote::{ImageRef, Stores};
 
 use crate::cli::{Cli, Command};
 
@@ -27,26 +29,122 @@ pub enum Outcome {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let config = crate::config::load(cli.config.as_deref())?;
+    let ctx = Context::new(&cli, &config)?;
     match cli.command {
-        Command::Build(a) => build::run(&a, &config.build, cli.quiet),
-        Command::Inspect(a) => inspect::run(&a),
-        Command::Check(a) => check::run(&a),
-        Command::Unpack(a) => unpack::run(&a),
-        Command::Export(a) => export::run(&a),
-        Command::Mount(a) => mount::run(&a, &config.mount),
+        Command::Build(a) => build::run(&a, &ctx, &config.build, cli.quiet),
+        Command::Inspect(a) => inspect::run(&a, &ctx),
+        Command::Check(a) => check::run(&a, &ctx),
+        Command::Unpack(a) => unpack::run(&a, &ctx),
+        Command::Export(a) => export::run(&a, &ctx),
+        Command::Copy(a) => copy::run(&a, &ctx),
+        Command::Mount(a) => mount::run(&a, &ctx, &config.mount),
         Command::Stats(a) => stats::run(&a),
         Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
     }
 }
 
-/// Parses an image reference (only `oci:` layouts for now).
-fn layout_ref(s: &str) -> anyhow::Result<LayoutRef> {
-    LayoutRef::parse(s)
-        .with_context(|| format!("image {s:?}: only oci:PATH[:TAG] images are supported"))
+/// What every command needs to reach images: the stores, set up from the
+/// config file and the global flags.
+pub struct Context {
+    stores: Stores,
+    /// Global flags a re-executed `darter` (mount -d) must get too.
+    forward: Vec<std::ffi::OsString>,
+    /// Explicit registry login: (registry, user, password).
+    login: Option<(String, String, String)>,
 }
 
-/// Opens a Darter image for reading.
-fn open_image(s: &str) -> anyhow::Result<darter_image::Image<darter_image::LayoutBlobs>> {
-    let reference = layout_ref(s)?;
-    darter_image::open_layout(&reference).with_context(|| format!("opening {s}"))
+impl Context {
+    fn new(cli: &Cli, config: &crate::config::Config) -> anyhow::Result<Self> {
+        let hosts: Vec<String> = image_args(&cli.command)
+            .iter()
+            .filter_map(|s| match ImageRef::parse(s) {
+                Ok(ImageRef::Registry(r)) => Some(r.registry().to_owned()),
+                _ => None,
+            })
+            .collect();
+        let plain = if cli.plain_http {
+            hosts.clone()
+        } else {
+            Vec::new()
+        };
+        let login = match (&cli.username, cli.password_stdin) {
+            (Some(user), true) => {
+                let mut password = String::new();
+                std::io::stdin()
+                    .read_line(&mut password)
+                    .context("reading the password from standard input")?;
+                let password = password.trim_end_matches(['\r', '\n']).to_owned();
+                let registry = hosts
+                    .first()
+                    .cloned()
+                    .context("--username needs a registry image on the command line")?;
+                Some((registry, user.clone(), password))
+            }
+            _ => None,
+        };
+        let mut forward = Vec::new();
+        if let Some(path) = &cli.config {
+            forward.extend(["--config".into(), path.clone().into_os_string()]);
+        }
+        if cli.plain_http {
+            forward.push("--plain-http".into());
+        }
+        forward.extend((0..cli.verbose).map(|_| "-v".into()));
+        Ok(Context {
+            stores: Stores::new(config.client_config(&plain, login.clone())),
+            forward,
+            login,
+        })
+    }
+
+    /// Global flags to pass on when running `darter` again.
+    pub fn forwarded_flags(&self) -> &[std::ffi::OsString] {
+        &self.forward
+    }
+
+    /// The explicit login (user, password), if one was given.
+    pub fn login(&self) -> Option<(&str, &str)> {
+        self.login
+            .as_ref()
+            .map(|(_, u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// The stores.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// Opens a Darter image for reading, wherever it is.
+    pub fn open_image(&self, s: &str) -> anyhow::Result<Image<Box<dyn BlobSource>>> {
+        let reference = image_ref(s)?;
+        self.stores
+            .open_image(&reference)
+            .with_context(|| format!("opening {s}"))
+    }
+}
+
+/// Every IMAGE argument of a command (to know which registries it talks to).
+fn image_args(command: &Command) -> Vec<&str> {
+    match command {
+        Command::Build(a) => [
+            Some(a.source.as_str()),
+            Some(a.output.as_str()),
+            a.parent.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+        Command::Inspect(a) => vec![&a.image],
+        Command::Check(a) => vec![&a.image],
+        Command::Unpack(a) => vec![&a.image],
+        Command::Export(a) => vec![&a.image],
+        Command::Copy(a) => vec![&a.source, &a.destination],
+        Command::Mount(a) => vec![&a.image],
+        Command::Stats(_) | Command::Cache(_) => Vec::new(),
+    }
+}
+
+/// Parses an IMAGE argument.
+fn image_ref(s: &str) -> anyhow::Result<ImageRef> {
+    ImageRef::parse(s).with_context(|| format!("image {s:?}"))
 }

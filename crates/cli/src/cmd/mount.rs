@@ -12,7 +12,7 @@ use darter_daemon::api;
 use crate::cli::MountArgs;
 use crate::config::MountConfig;
 
-use super::{Outcome, layout_ref};
+use super::{Context, Outcome, image_ref};
 
 /// FUSE request threads when not configured.
 const DEFAULT_THREADS: usize = 4;
@@ -20,7 +20,7 @@ const DEFAULT_THREADS: usize = 4;
 /// from a slow registry).
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub fn run(args: &MountArgs, config: &MountConfig) -> anyhow::Result<Outcome> {
+pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Result<Outcome> {
     let prefetch_all = match args
         .prefetch
         .as_deref()
@@ -51,16 +51,18 @@ pub fn run(args: &MountArgs, config: &MountConfig) -> anyhow::Result<Outcome> {
         store: darter_cache::StoreOptions::default(),
     };
     if args.daemon {
-        return detach(args, &opts, prefetch_all);
+        return detach(args, ctx, &opts, prefetch_all);
     }
-    let reference = layout_ref(&args.image)?;
-    let (digest, manifest, blobs) = darter_image::resolve_layout(&reference)
+    let reference = image_ref(&args.image)?;
+    let m = ctx
+        .stores()
+        .open_manifest(&reference, None)
         .with_context(|| format!("opening {}", args.image))?;
     let spec = darter_daemon::ImageSpec {
         name: args.image.clone(),
-        digest,
-        manifest,
-        blobs,
+        digest: m.digest,
+        manifest: m.manifest,
+        blobs: m.blobs,
     };
     darter_daemon::mount(spec, &args.mountpoint, &opts, || {})
         .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
@@ -70,7 +72,12 @@ pub fn run(args: &MountArgs, config: &MountConfig) -> anyhow::Result<Outcome> {
 /// Runs the mount as a background process and returns once it serves:
 /// the same command in the foreground, in its own process group (so the
 /// terminal's signals do not reach it), logging to a file.
-fn detach(args: &MountArgs, opts: &MountOptions, prefetch_all: bool) -> anyhow::Result<Outcome> {
+fn detach(
+    args: &MountArgs,
+    ctx: &Context,
+    opts: &MountOptions,
+    prefetch_all: bool,
+) -> anyhow::Result<Outcome> {
     let log_path = api::socket_path(&args.mountpoint).with_extension("log");
     if let Some(dir) = log_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -79,6 +86,10 @@ fn detach(args: &MountArgs, opts: &MountOptions, prefetch_all: bool) -> anyhow::
         .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the darter executable")?;
     let mut cmd = Command::new(exe);
+    cmd.args(ctx.forwarded_flags());
+    if let Some((user, _)) = ctx.login() {
+        cmd.arg("--username").arg(user).arg("--password-stdin");
+    }
     cmd.arg("mount")
         .arg(&args.image)
         .arg(&args.mountpoint)
@@ -90,11 +101,23 @@ fn detach(args: &MountArgs, opts: &MountOptions, prefetch_all: bool) -> anyhow::
     if let Some(addr) = opts.metrics_addr {
         cmd.arg("--metrics-addr").arg(addr.to_string());
     }
-    cmd.stdin(Stdio::null())
+    let stdin = if ctx.login().is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
+    cmd.stdin(stdin)
         .stdout(Stdio::null())
         .stderr(log)
         .process_group(0);
     let mut child = cmd.spawn().context("starting the mount daemon")?;
+    if let (Some((_, password)), Some(mut stdin)) = (ctx.login(), child.stdin.take()) {
+        // The password goes through a pipe, never the command line or environment.
+        use std::io::Write as _;
+        stdin
+            .write_all(format!("{password}\n").as_bytes())
+            .context("passing the password to the mount daemon")?;
+    }
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait()? {

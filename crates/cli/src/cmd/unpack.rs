@@ -6,10 +6,10 @@ use crate::cli::UnpackArgs;
 use crate::output::print_json;
 use crate::units::human;
 
-use super::{Outcome, open_image};
+use super::{Context, Outcome};
 
-pub fn run(args: &UnpackArgs) -> anyhow::Result<Outcome> {
-    let image = open_image(&args.image)?;
+pub fn run(args: &UnpackArgs, ctx: &Context) -> anyhow::Result<Outcome> {
+    let image = ctx.open_image(&args.image)?;
     let report = darter_image::unpack(&image, &args.dir)
         .with_context(|| format!("unpacking {} into {}", args.image, args.dir.display()))?;
     if args.json {

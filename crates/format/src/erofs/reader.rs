@@ -296,7 +296,11 @@ impl<R: ReadAt> Erofs<R> {
             inode.uid = u32::from(f.u16(24));
             inode.gid = u32::from(f.u16(26));
             if self.sb.feature_compat & ondisk::FEATURE_COMPAT_MTIME != 0 {
-                inode.mtime = self.sb.build_time + u64::from(f.u32(12));
+                inode.mtime = self
+                    .sb
+                    .build_time
+                    .checked_add(u64::from(f.u32(12)))
+                    .ok_or_else(|| bad("compact mtime overflows the build time".into()))?;
             }
         }
         self.validate_inode(&inode)?;
@@ -709,4 +713,46 @@ fn read_at<R: ReadAt>(
             len: buf.len(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::erofs::writer::{ImageOptions, write_image};
+    use crate::tree::{Meta, Node, NodeKind, Tree};
+
+    /// Found by fuzzing the bootstrap reader: a compact inode's mtime is
+    /// the superblock build time plus a 32-bit offset, and a build time
+    /// near `u64::MAX` made that addition overflow (a panic).
+    #[test]
+    fn compact_mtime_overflow_is_an_error() {
+        let tree = Tree {
+            nodes: vec![Node {
+                meta: Meta {
+                    perm: 0o755,
+                    ..Meta::default()
+                },
+                kind: NodeKind::Dir(vec![]),
+            }],
+        };
+        let opts = ImageOptions {
+            chunk_bits: 20,
+            build_time: u64::MAX,
+            devices: vec![],
+            extra: vec![],
+        };
+        let mut bytes = write_image(&tree, &opts).unwrap().bytes;
+        let root = Erofs::open(&bytes[..]).unwrap().root_nid();
+        // Turn on per-inode mtimes and make the root a compact inode whose
+        // mtime offset is 1.
+        bytes[SUPER_OFFSET + 8] |= ondisk::FEATURE_COMPAT_MTIME as u8;
+        let at = (root << ISLOT_BITS) as usize;
+        bytes[at] &= !1;
+        bytes[at + 12..at + 16].copy_from_slice(&1u32.to_le_bytes());
+        let result = Erofs::open(&bytes[..]);
+        assert!(
+            matches!(result, Err(ReadError::BadInode { nid, ref detail }) if nid == root && detail.contains("mtime")),
+            "{result:?}"
+        );
+    }
 }

@@ -54,6 +54,17 @@ pub fn proxied_registry() -> (TestRegistry, FaultProxy) {
     (registry, proxy)
 }
 
+/// The statuses of the proxied requests with `method`, in order (`None`
+/// for resets).
+pub fn statuses(proxy: &FaultProxy, method: &str) -> Vec<Option<u16>> {
+    proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == method)
+        .map(|r| r.status)
+        .collect()
+}
+
 pub fn repo(host: &str, path: &str) -> Repository {
     Repository::parse(&format!("{host}/{path}")).unwrap()
 }

@@ -7,17 +7,9 @@ use bytes::Bytes;
 use darter_registry::manifest::OCI_MANIFEST;
 use darter_registry::{BlobSource, Client, ClientConfig, ErrorKind, PushOutcome, RetryPolicy};
 use darter_testkit::faultproxy::{Fault, FaultProxy, FaultRule, LoopbackServer, response};
+use darter_testkit::registry::TestRegistry;
 
 use crate::common::*;
-
-fn statuses(proxy: &FaultProxy, method: &str) -> Vec<Option<u16>> {
-    proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.method == method)
-        .map(|r| r.status)
-        .collect()
-}
 
 #[tokio::test]
 async fn server_errors_and_resets_are_retried() {
@@ -159,23 +151,35 @@ async fn blob_streams_resume_where_they_broke() {
     );
 }
 
-#[tokio::test]
-async fn chunked_uploads_resume_after_broken_chunks() {
-    let (_registry, proxy) = proxied_registry();
+/// Pushes a 3 MiB file blob in 1 MiB chunks while `faults` hit its PATCH
+/// requests; checks it reads back identical and returns the proxy (with its
+/// request log) and the registry behind it.
+async fn chunked_push_through(faults: &[Fault], path: &str) -> (TestRegistry, FaultProxy) {
+    let (registry, proxy) = proxied_registry();
     let client = chunking_client_for(&proxy.host());
-    let repository = repo(&proxy.host(), "flaky/upload");
+    let repository = repo(&proxy.host(), path);
     let dir = tempfile::tempdir().unwrap();
     let blob = patterned((3 << 20) + 77, 5);
     let digest = sha256(&blob);
     let source = BlobSource::File(write_file(dir.path(), "blob", &blob));
-    proxy.inject(FaultRule::new(Fault::Status(502)).method("PATCH"));
-    proxy.inject(FaultRule::new(Fault::Reset).method("PATCH"));
+    for fault in faults {
+        proxy.inject(FaultRule::new(fault.clone()).method("PATCH"));
+    }
 
     let outcome = client
         .push_blob(&repository, &digest, &source, None)
         .await
         .unwrap();
     assert_eq!(outcome, PushOutcome::Uploaded);
+    assert_eq!(proxy.pending_faults(), 0);
+    assert_eq!(read_blob(&client, &repository, &digest).await, blob);
+    (registry, proxy)
+}
+
+#[tokio::test]
+async fn chunked_uploads_resume_after_broken_chunks() {
+    let faults = [Fault::Status(502), Fault::Reset];
+    let (_registry, proxy) = chunked_push_through(&faults, "flaky/upload").await;
     assert_eq!(
         statuses(&proxy, "POST").len(),
         1,
@@ -187,7 +191,15 @@ async fn chunked_uploads_resume_after_broken_chunks() {
         "status queries: {:?}",
         proxy.requests()
     );
-    assert_eq!(read_blob(&client, &repository, &digest).await, blob);
+}
+
+#[tokio::test]
+async fn a_chunked_push_whose_session_is_lost_starts_over() {
+    // A chunk cut off mid-body makes distribution drop the session; the
+    // push must not resume in it but open a new one.
+    let faults = [Fault::CutRequestBody(200_000)];
+    let (_registry, proxy) = chunked_push_through(&faults, "flaky/lost").await;
+    assert_eq!(statuses(&proxy, "POST").len(), 2, "{:?}", proxy.requests());
 }
 
 #[tokio::test]

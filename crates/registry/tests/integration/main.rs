@@ -9,3 +9,4 @@ mod common;
 mod faults;
 mod pull_push;
 mod redirect;
+mod streaming;

@@ -135,6 +135,42 @@ async fn push_skips_blobs_already_present() {
 }
 
 #[tokio::test]
+async fn mount_blob_links_only_what_the_other_repository_has() {
+    let (_registry, proxy) = proxied_registry();
+    let client = client_for(&proxy.host());
+    let base = repo(&proxy.host(), "team/base");
+    let app = repo(&proxy.host(), "team/app2");
+    let blob = patterned(30_000, 7);
+    let digest = push_bytes(&client, &base, &blob).await;
+
+    proxy.clear_log();
+    assert!(client.mount_blob(&app, &digest, &base).await.unwrap());
+    let log = proxy.requests();
+    assert!(
+        log.iter().all(|r| r.method != "PUT" && r.method != "PATCH"),
+        "{log:?}"
+    );
+    assert_eq!(read_blob(&client, &app, &digest).await, blob);
+
+    // A blob the source repository lacks is not mounted, and the upload
+    // session the registry opened instead is closed.
+    let missing = sha256(&patterned(10, 8));
+    assert!(
+        !client
+            .mount_blob(&app, &missing, &repo(&proxy.host(), "team/none"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        proxy.requests().iter().any(|r| r.method == "DELETE"),
+        "{:?}",
+        proxy.requests()
+    );
+    // Same repository or another registry: nothing to do.
+    assert!(!client.mount_blob(&app, &digest, &app).await.unwrap());
+}
+
+#[tokio::test]
 async fn cross_repository_mount_links_without_uploading() {
     let (_registry, proxy) = proxied_registry();
     let client = client_for(&proxy.host());
