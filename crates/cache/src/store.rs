@@ -88,6 +88,22 @@ impl From<darter_format::erofs::ReadError> for ReadError {
 }
 
 type FrameKey = (usize, u64);
+
+/// Times a range whose bytes fail verification is fetched again.
+const VERIFY_RETRIES: u32 = 2;
+/// Wait before such a refetch (times the attempt number).
+const VERIFY_RETRY_BACKOFF: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// True if a fetched frame (or a chunk in it) failed verification.
+fn is_corrupt(r: &FrameResult) -> bool {
+    match r {
+        Err(ReadError::Verify { .. }) => true,
+        Err(_) => false,
+        Ok(chunks) => chunks
+            .values()
+            .any(|c| matches!(c, Err(ReadError::Verify { .. }))),
+    }
+}
 type ChunkResult = Result<Arc<Vec<u8>>, ReadError>;
 
 /// The outcome of fetching one frame: every chunk in it, verified.
@@ -474,9 +490,29 @@ impl<S: BlobSource> ChunkStore<S> {
         out
     }
 
+    /// Fetches a range, fetching it again (after a short backoff) while
+    /// what arrives fails verification: bytes damaged in transit are a
+    /// transient fault, bytes damaged at the source stay an error.
+    fn fetch_range(
+        &self,
+        range: &FetchRange,
+        keep_in_memory: bool,
+    ) -> Vec<(FrameKey, FrameResult)> {
+        let mut attempt = 0;
+        loop {
+            let results = self.fetch_range_once(range, keep_in_memory);
+            if attempt >= VERIFY_RETRIES || !results.iter().any(|(_, r)| is_corrupt(r)) {
+                return results;
+            }
+            attempt += 1;
+            tracing::warn!(blob = %self.blob_name(range.blob), start = range.start, end = range.end, attempt, "fetched bytes failed verification; fetching them again");
+            std::thread::sleep(VERIFY_RETRY_BACKOFF * attempt);
+        }
+    }
+
     /// One backend request: read, split into frames, decompress and verify
     /// each chunk, store verified chunks.
-    fn fetch_range(
+    fn fetch_range_once(
         &self,
         range: &FetchRange,
         keep_in_memory: bool,

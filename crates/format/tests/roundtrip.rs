@@ -1,5 +1,7 @@
 //! Round trip: a tree written as a bootstrap reads back identically.
 
+#![allow(clippy::unwrap_used)]
+
 use darter_format::blob::{BLOCK_BITS, BlobWriter, DEFAULT_CHUNK_SIZE, FramePacker};
 use darter_format::bootstrap::{BlobEntry, Bootstrap, BootstrapInfo, write_bootstrap};
 use darter_format::compress::{Compression, Compressor};
@@ -539,10 +541,10 @@ fn arb_tree() -> impl Strategy<Value = Tree> {
                 },
                 kind,
             });
-            if let NodeKind::Dir(e) = &mut nodes[dir].kind {
-                if !e.iter().any(|x| x.name == name) {
-                    e.push(Entry { name, node: id });
-                }
+            if let NodeKind::Dir(e) = &mut nodes[dir].kind
+                && !e.iter().any(|x| x.name == name)
+            {
+                e.push(Entry { name, node: id });
             }
         }
         Tree { nodes }

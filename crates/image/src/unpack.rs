@@ -106,6 +106,9 @@ impl<S: BlobSource> Unpacker<'_, S> {
     fn run(&mut self, root_fd: OwnedFd) -> Result<(), ImageError> {
         let erofs = self.image.bootstrap().erofs();
         let root = erofs.inode(erofs.root_nid())?;
+        // Validate the whole tree's shape (cycles, shared directory blocks,
+        // `.`/`..`, entry types) before writing anything.
+        erofs.walk(&mut |_, _, _| Ok(()))?;
         let mut seen_dirs = std::collections::HashSet::from([root.nid]);
         let mut stack = vec![OpenDir {
             fd: root_fd,

@@ -614,8 +614,22 @@ impl<R: ReadAt> Erofs<R> {
             });
         }
         let mut seen_dirs = HashSet::from([root.nid]);
+        // Each directory block belongs to one directory in a sound image, so
+        // all directories together are smaller than the image. Directories
+        // sharing blocks could make a walk quadratic in the image size.
+        let mut dir_bytes = 0u64;
         let mut stack = vec![(b"/".to_vec(), root.clone(), root.nid)];
         while let Some((path, dir, parent)) = stack.pop() {
+            dir_bytes = dir_bytes.saturating_add(dir.size);
+            if dir_bytes > self.size {
+                return Err(ReadError::BadTree {
+                    path: String::from_utf8_lossy(&path).into_owned(),
+                    detail: format!(
+                        "directories hold more bytes ({dir_bytes}) than the image ({}): blocks are shared",
+                        self.size
+                    ),
+                });
+            }
             let entries = self.dir_entries(&dir)?;
             let tree_err = |detail: String| ReadError::BadTree {
                 path: String::from_utf8_lossy(&path).into_owned(),
