@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         Ok(cmd::Outcome::Success) => ExitCode::SUCCESS,
         Ok(cmd::Outcome::Problems) => ExitCode::from(EXIT_PROBLEMS),
         Err(e) => {
-            eprintln!("darter: error: {e:#}");
+            eprintln!("darter: error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -45,4 +45,21 @@ fn init_logging(verbose: u8, quiet: bool) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+}
+
+/// The error and its causes on one line. Library errors often include
+/// their cause in their own message too; a cause already said is skipped.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
