@@ -203,6 +203,25 @@ impl CacheDir {
         })
     }
 
+    /// The digests of every cached chunk (from file names; not verified).
+    pub fn digests(&self) -> Result<std::collections::HashSet<Digest>, CacheError> {
+        let mut out = std::collections::HashSet::new();
+        for (_, _, path) in self.files()? {
+            let algo: Option<darter_format::DigestAlgo> = path
+                .parent()
+                .and_then(Path::parent)
+                .and_then(Path::file_name)
+                .and_then(|a| a.to_str()?.parse().ok());
+            let name = path.file_name().and_then(|n| n.to_str());
+            if let (Some(algo), Some(hex)) = (algo, name)
+                && let Ok(digest) = format!("{algo}:{hex}").parse::<Digest>()
+            {
+                out.insert(digest);
+            }
+        }
+        Ok(out)
+    }
+
     /// (mtime, size, path) of every chunk file.
     fn files(&self) -> Result<Vec<(SystemTime, u64, PathBuf)>, CacheError> {
         let mut out = Vec::new();
@@ -249,6 +268,63 @@ impl CacheDir {
             }
         }
         Ok(())
+    }
+}
+
+/// Writes verified chunks to a [`CacheDir`] on a background thread, so a
+/// read does not wait for the cache file. When the queue is full the caller
+/// writes itself (bounded memory). Dropping it writes what is queued.
+#[derive(Debug)]
+pub struct CacheWriter {
+    cache: CacheDir,
+    queue: Option<std::sync::mpsc::SyncSender<(Digest, std::sync::Arc<Vec<u8>>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CacheWriter {
+    /// A writer for `cache` with room for `depth` queued chunks.
+    pub fn spawn(cache: CacheDir, depth: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, std::sync::Arc<Vec<u8>>)>(depth);
+        let target = cache.clone();
+        let thread = std::thread::Builder::new()
+            .name("darter-cache-writer".into())
+            .spawn(move || {
+                for (digest, data) in rx {
+                    if let Err(e) = target.put(&digest, &data) {
+                        tracing::warn!(error = %e, "cannot write to the disk cache");
+                    }
+                }
+            })
+            .ok();
+        CacheWriter {
+            cache,
+            queue: thread.is_some().then_some(tx),
+            thread,
+        }
+    }
+
+    /// Stores a verified chunk, soon.
+    pub fn put(&self, digest: Digest, data: std::sync::Arc<Vec<u8>>) {
+        use std::sync::mpsc::TrySendError;
+        let (digest, data) = match &self.queue {
+            Some(queue) => match queue.try_send((digest, data)) {
+                Ok(()) => return,
+                Err(TrySendError::Full(item) | TrySendError::Disconnected(item)) => item,
+            },
+            None => (digest, data),
+        };
+        if let Err(e) = self.cache.put(&digest, &data) {
+            tracing::warn!(error = %e, "cannot write to the disk cache");
+        }
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -327,5 +403,7 @@ mod tests {
         );
         assert!(!cache.contains(&digests[0]) && !cache.contains(&digests[2]));
         assert!(cache.contains(&digests[3]) && cache.contains(&digests[4]));
+        let listed = cache.digests().unwrap();
+        assert_eq!(listed, [digests[3], digests[4]].into_iter().collect());
     }
 }

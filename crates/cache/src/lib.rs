@@ -18,6 +18,6 @@ mod memory;
 mod stats;
 mod store;
 
-pub use disk::{CacheDir, CacheError, GcReport, default_cache_dir};
+pub use disk::{CacheDir, CacheError, CacheWriter, GcReport, default_cache_dir};
 pub use stats::{Counted, Stats, StatsSnapshot};
 pub use store::{ChunkStore, ReadError, StoreOptions};

@@ -56,6 +56,59 @@ impl MemoryLru {
     }
 }
 
+/// Compressed frames fetched ahead of need, by (blob, offset), bounded by
+/// bytes; the oldest leave first. A frame is taken out when used.
+#[derive(Debug)]
+pub(crate) struct RawFrames {
+    capacity: usize,
+    used: usize,
+    order: std::collections::VecDeque<(usize, u64)>,
+    frames: HashMap<(usize, u64), Vec<u8>>,
+}
+
+impl RawFrames {
+    pub(crate) fn new(capacity: usize) -> Self {
+        RawFrames {
+            capacity,
+            used: 0,
+            order: Default::default(),
+            frames: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn contains(&self, key: &(usize, u64)) -> bool {
+        self.frames.contains_key(key)
+    }
+
+    pub(crate) fn take(&mut self, key: &(usize, u64)) -> Option<Vec<u8>> {
+        let frame = self.frames.remove(key)?;
+        self.used -= frame.len();
+        // Forget the order of frames already taken, now and then.
+        if self.order.len() > 2 * self.frames.len() + 64 {
+            let frames = &self.frames;
+            self.order.retain(|k| frames.contains_key(k));
+        }
+        Some(frame)
+    }
+
+    pub(crate) fn insert(&mut self, key: (usize, u64), frame: Vec<u8>) {
+        if frame.len() > self.capacity || self.frames.contains_key(&key) {
+            return;
+        }
+        while self.used + frame.len() > self.capacity {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(f) = self.frames.remove(&old) {
+                self.used -= f.len();
+            }
+        }
+        self.used += frame.len();
+        self.order.push_back(key);
+        self.frames.insert(key, frame);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +126,17 @@ mod tests {
         assert!(lru.get(&d(1)).is_some() && lru.get(&d(3)).is_some());
         lru.insert(d(4), Arc::new(vec![0; 11]));
         assert!(lru.get(&d(4)).is_none(), "larger than the whole cache");
+    }
+
+    #[test]
+    fn raw_frames_are_bounded_and_taken_once() {
+        let mut raw = RawFrames::new(10);
+        raw.insert((0, 1), vec![1; 6]);
+        raw.insert((0, 2), vec![2; 6]);
+        assert!(!raw.contains(&(0, 1)), "oldest evicted to make room");
+        assert_eq!(raw.take(&(0, 2)), Some(vec![2; 6]));
+        assert_eq!(raw.take(&(0, 2)), None);
+        raw.insert((0, 3), vec![3; 11]);
+        assert!(!raw.contains(&(0, 3)), "larger than the whole cache");
     }
 }

@@ -12,8 +12,8 @@ use darter_format::erofs::Inode;
 use darter_image::{BlobSource, ChunkLocation, Image, ImageError};
 use darter_oci::OciDigest;
 
-use crate::disk::{CacheDir, CacheError};
-use crate::memory::MemoryLru;
+use crate::disk::{CacheDir, CacheError, CacheWriter};
+use crate::memory::{MemoryLru, RawFrames};
 use crate::stats::{Stats, StatsSnapshot};
 
 /// Tuning of a [`ChunkStore`].
@@ -29,6 +29,14 @@ pub struct StoreOptions {
     /// On a miss, also fetch the file's following chunks up to this many
     /// bytes past the read, in the same requests.
     pub readahead: u64,
+    /// On a miss, also fetch up to this many compressed bytes of the frames
+    /// that follow in the blob (the next files of the same directory, as the
+    /// builder lays them out), kept compressed in memory and decompressed
+    /// only if read: fewer requests, no extra decompression. Worth it where
+    /// a request costs more than the bytes (local disks), not on slow links.
+    pub blob_readahead: u64,
+    /// Compressed bytes of such frames kept in memory.
+    pub raw_bytes: usize,
     /// Backend requests one read may have in flight at once.
     pub parallel: usize,
 }
@@ -36,10 +44,12 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            memory_bytes: 16 << 20,
+            memory_bytes: 8 << 20,
             merge_limit: 4 << 20,
             merge_gap: 16 << 10,
             readahead: 1 << 20,
+            blob_readahead: 0,
+            raw_bytes: 4 << 20,
             parallel: 4,
         }
     }
@@ -89,6 +99,10 @@ impl From<darter_format::erofs::ReadError> for ReadError {
 
 type FrameKey = (usize, u64);
 
+/// Chunks waiting for the background cache writer before readers write
+/// their own.
+const CACHE_WRITE_QUEUE: usize = 64;
+
 /// Times a range whose bytes fail verification is fetched again.
 const VERIFY_RETRIES: u32 = 2;
 /// Wait before such a refetch (times the attempt number).
@@ -110,7 +124,7 @@ type ChunkResult = Result<Arc<Vec<u8>>, ReadError>;
 type FrameResult = Result<Arc<HashMap<usize, ChunkResult>>, ReadError>;
 
 /// A fetch in progress that other readers of the same frame wait on.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Flight {
     result: Mutex<Option<FrameResult>>,
     done: Condvar,
@@ -133,6 +147,53 @@ impl Flight {
     }
 }
 
+/// Which chunks the disk cache holds: learnt by one scan of the cache
+/// directory when the store starts and kept current by the store's own
+/// writes, so a miss - nearly every lookup of a fresh mount - costs no
+/// disk access. Until the scan is done, every chunk may be present.
+#[derive(Debug, Default)]
+struct Presence {
+    known: std::sync::RwLock<(bool, std::collections::HashSet<Digest>)>,
+}
+
+impl Presence {
+    fn learn(&self, disk: &CacheDir) {
+        match disk.digests() {
+            Ok(found) => {
+                let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
+                known.1.extend(found);
+                known.0 = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the disk cache; checking it chunk by chunk");
+            }
+        }
+    }
+
+    /// True when the chunk is known to be cached (or queued for it).
+    fn surely(&self, digest: &Digest) -> bool {
+        self.known
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .contains(digest)
+    }
+
+    /// False only when the chunk is surely not cached.
+    fn maybe(&self, digest: &Digest) -> bool {
+        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
+        !known.0 || known.1.contains(digest)
+    }
+
+    fn add(&self, digest: Digest) {
+        self.known
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .insert(digest);
+    }
+}
+
 /// A chunk to be read: where it is and its record.
 #[derive(Debug, Clone, Copy)]
 struct Wanted {
@@ -145,6 +206,9 @@ pub struct ChunkStore<S> {
     image: Arc<Image<S>>,
     disk: Option<CacheDir>,
     memory: Mutex<MemoryLru>,
+    writer: Mutex<Option<CacheWriter>>,
+    presence: Arc<Presence>,
+    raw: Mutex<RawFrames>,
     flights: Mutex<HashMap<FrameKey, Arc<Flight>>>,
     stats: Arc<Stats>,
     opts: StoreOptions,
@@ -171,10 +235,21 @@ impl<S: BlobSource> ChunkStore<S> {
         opts: StoreOptions,
         stats: Arc<Stats>,
     ) -> Self {
+        let writer = disk
+            .clone()
+            .map(|d| CacheWriter::spawn(d, CACHE_WRITE_QUEUE));
+        let presence = Arc::new(Presence::default());
+        if let Some(d) = disk.clone() {
+            let presence = presence.clone();
+            std::thread::spawn(move || presence.learn(&d));
+        }
         ChunkStore {
             image,
             disk,
             memory: Mutex::new(MemoryLru::new(opts.memory_bytes)),
+            writer: Mutex::new(writer),
+            presence,
+            raw: Mutex::new(RawFrames::new(opts.raw_bytes)),
             flights: Mutex::new(HashMap::new()),
             stats,
             opts,
@@ -201,10 +276,33 @@ impl<S: BlobSource> ChunkStore<S> {
         s
     }
 
-    /// Asks a running prefetch to stop.
+    /// Asks a running prefetch to stop, and writes out the chunks still
+    /// queued for the disk cache.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         self.idle.notify_all();
+        drop(self.writer.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+
+    /// True if chunk `digest` may be in the disk cache (cheap when not).
+    fn on_disk(&self, digest: &Digest) -> bool {
+        self.presence.surely(digest)
+            || (self.presence.maybe(digest)
+                && self.disk.as_ref().is_some_and(|d| d.contains(digest)))
+    }
+
+    fn store_on_disk(&self, digest: Digest, data: &Arc<Vec<u8>>) {
+        self.presence.add(digest);
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        match (writer.as_ref(), &self.disk) {
+            (Some(w), _) => w.put(digest, data.clone()),
+            (None, Some(disk)) => {
+                if let Err(e) = disk.put(&digest, data) {
+                    tracing::warn!(error = %e, "cannot write to the disk cache");
+                }
+            }
+            (None, None) => {}
+        }
     }
 
     /// Reads up to `len` bytes at `offset` of a regular file. `path` names
@@ -310,6 +408,9 @@ impl<S: BlobSource> ChunkStore<S> {
             Stats::add(&self.stats.cache_hits, 1);
             return Some(data);
         }
+        if !self.presence.maybe(&digest) {
+            return None;
+        }
         let disk = self.disk.as_ref()?;
         match disk.get(&digest, w.record.size as usize) {
             Ok(Some(data)) => {
@@ -342,14 +443,10 @@ impl<S: BlobSource> ChunkStore<S> {
         let mut out = Vec::new();
         let mut n = from_chunk;
         while n * cs < limit && n < inode.chunk_count(BLOCK_BITS) {
-            if let Ok(Some(w)) = self.wanted(inode, n) {
-                let cached_on_disk = self
-                    .disk
-                    .as_ref()
-                    .is_some_and(|d| d.contains(&self.digest(&w)));
-                if !cached_on_disk {
-                    out.push(w);
-                }
+            if let Ok(Some(w)) = self.wanted(inode, n)
+                && !self.presence.surely(&self.digest(&w))
+            {
+                out.push(w);
             }
             n += 1;
         }
@@ -417,9 +514,21 @@ impl<S: BlobSource> ChunkStore<S> {
                 }
             }
         }
-        let ranges = self.merge(&mine);
-        let parallel = self.opts.parallel.max(1);
         let mut results: HashMap<FrameKey, FrameResult> = HashMap::new();
+        mine.retain(|(key, flight)| {
+            let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner()).take(key);
+            let Some(stored) = raw else { return true };
+            let r = self.open_frame(key.0, key.1, &stored, keep_in_memory);
+            results.insert(*key, r.clone());
+            flight.finish(r);
+            self.flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(key);
+            false
+        });
+        let ranges = self.merge(&mine, keep_in_memory);
+        let parallel = self.opts.parallel.max(1);
         for batch in ranges.chunks(parallel) {
             let done: Vec<Vec<(FrameKey, FrameResult)>> = std::thread::scope(|s| {
                 let handles: Vec<_> = batch
@@ -458,7 +567,9 @@ impl<S: BlobSource> ChunkStore<S> {
 
     /// Groups frames into ranged requests: same blob, gaps at most
     /// `merge_gap`, total at most `merge_limit` (a bigger frame goes alone).
-    fn merge(&self, frames: &[(FrameKey, Arc<Flight>)]) -> Vec<FetchRange> {
+    /// On demand reads, each request is then extended over the frames that
+    /// follow it in the blob (see [`StoreOptions::blob_readahead`]).
+    fn merge(&self, frames: &[(FrameKey, Arc<Flight>)], readahead: bool) -> Vec<FetchRange> {
         let mut out: Vec<FetchRange> = Vec::new();
         for ((blob, offset), _) in frames {
             let Ok(table) = self.image.chunk_table(*blob) else {
@@ -484,10 +595,116 @@ impl<S: BlobSource> ChunkStore<S> {
                     start: *offset,
                     end: offset + size,
                     frames: vec![*offset],
+                    ahead: Vec::new(),
                 });
             }
         }
+        if readahead {
+            for range in &mut out {
+                self.extend_ahead(range);
+            }
+        }
         out
+    }
+
+    /// Extends `range` over the frames right after it that are neither
+    /// cached nor being fetched, within the readahead budget, registering
+    /// them as fetches in flight (a reader who needs one meanwhile waits
+    /// for this request instead of fetching it again).
+    fn extend_ahead(&self, range: &mut FetchRange) {
+        let Ok(table) = self.image.chunk_table(range.blob) else {
+            return;
+        };
+        let records = table.records();
+        let budget_end = range.end.saturating_add(self.opts.blob_readahead);
+        let Some(last) = range.frames.last() else {
+            return;
+        };
+        let mut next = table.frame_at(*last).map_or(records.len(), |m| m.end);
+        while next < records.len() {
+            let members = table
+                .frame_at(records[next].compressed_offset)
+                .unwrap_or(next..next + 1);
+            let r = records[members.start];
+            let end = r.compressed_offset + u64::from(r.compressed_size);
+            if r.compressed_offset != range.end
+                || end > budget_end
+                || end - range.start > self.opts.merge_limit
+            {
+                break;
+            }
+            let key = (range.blob, r.compressed_offset);
+            let cached = members
+                .clone()
+                .any(|i| self.presence.surely(&table.digest(i)));
+            if cached
+                || self
+                    .raw
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&key)
+            {
+                break;
+            }
+            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+            if flights.contains_key(&key) {
+                break;
+            }
+            let flight = Arc::new(Flight::default());
+            flights.insert(key, flight.clone());
+            range.ahead.push((r.compressed_offset, flight));
+            range.end = end;
+            next = members.end;
+        }
+    }
+
+    /// Settles the frames fetched ahead: one a reader now waits for is
+    /// opened and handed over; the others are kept compressed.
+    fn settle_ahead(&self, range: &FetchRange, fetched: Result<&[u8], &ReadError>) {
+        for (offset, flight) in &range.ahead {
+            let key = (range.blob, *offset);
+            if self
+                .flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key)
+                .is_none()
+            {
+                continue;
+            }
+            let stored = fetched.map(|bytes| self.frame_bytes(range, bytes, *offset));
+            // Our reference is one; any other belongs to a waiting reader.
+            let waited_for = Arc::strong_count(flight) > 1;
+            match stored {
+                Ok(Some(b)) if waited_for => {
+                    flight.finish(self.open_frame(range.blob, *offset, b, true));
+                }
+                Ok(Some(b)) => self
+                    .raw
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, b.to_vec()),
+                Ok(None) => flight.finish(Err(ReadError::Verify {
+                    blob: self.blob_name(range.blob),
+                    chunk: 0,
+                    detail: format!("no frame at offset {offset}"),
+                })),
+                Err(e) => flight.finish(Err(e.clone())),
+            }
+        }
+    }
+
+    /// The stored bytes of the frame at `offset`, out of a range's bytes.
+    fn frame_bytes<'b>(
+        &self,
+        range: &FetchRange,
+        bytes: &'b [u8],
+        offset: u64,
+    ) -> Option<&'b [u8]> {
+        let table = self.image.chunk_table(range.blob).ok()?;
+        let members = table.frame_at(offset)?;
+        let start = usize::try_from(offset.checked_sub(range.start)?).ok()?;
+        bytes.get(start..start + table.records()[members.start].compressed_size as usize)
     }
 
     /// Fetches a range, fetching it again (after a short backoff) while
@@ -505,7 +722,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 return results;
             }
             attempt += 1;
-            tracing::warn!(blob = %self.blob_name(range.blob), start = range.start, end = range.end, attempt, "fetched bytes failed verification; fetching them again");
+            tracing::warn!(source = %self.image.source().name(), blob = %self.blob_name(range.blob), start = range.start, end = range.end, attempt, "fetched bytes failed verification; fetching them again");
             std::thread::sleep(VERIFY_RETRY_BACKOFF * attempt);
         }
     }
@@ -533,6 +750,7 @@ impl<S: BlobSource> ChunkStore<S> {
                     end: range.end,
                     detail: e.to_string(),
                 };
+                self.settle_ahead(range, Err(&err));
                 return range
                     .frames
                     .iter()
@@ -543,38 +761,45 @@ impl<S: BlobSource> ChunkStore<S> {
         if !keep_in_memory {
             Stats::add(&self.stats.prefetch_bytes, bytes.len() as u64);
         }
+        self.settle_ahead(range, Ok(&bytes));
         range
             .frames
             .iter()
             .map(|&f| {
-                (
-                    (range.blob, f),
-                    self.open_frame(range, &bytes, f, keep_in_memory),
-                )
+                let r = match self.frame_bytes(range, &bytes, f) {
+                    Some(b) => self.open_frame(range.blob, f, b, keep_in_memory),
+                    None => Err(ReadError::Verify {
+                        blob: self.blob_name(range.blob),
+                        chunk: 0,
+                        detail: format!("no frame at offset {f}"),
+                    }),
+                };
+                ((range.blob, f), r)
             })
             .collect()
     }
 
+    /// Decompresses the frame stored at `offset` of blob `blob` (`stored`
+    /// is exactly its bytes), verifies every chunk in it and stores the
+    /// good ones.
     fn open_frame(
         &self,
-        range: &FetchRange,
-        bytes: &[u8],
+        blob_index: usize,
         offset: u64,
+        stored: &[u8],
         keep_in_memory: bool,
     ) -> FrameResult {
-        let table = self.image.chunk_table(range.blob)?;
-        let blob = self.blob_name(range.blob);
+        let table = self.image.chunk_table(blob_index)?;
+        let blob = self.blob_name(blob_index);
         let members = table.frame_at(offset).ok_or_else(|| ReadError::Verify {
             blob: blob.clone(),
             chunk: 0,
             detail: format!("no frame at offset {offset}"),
         })?;
         let first = table.records()[members.start];
-        let at = (offset - range.start) as usize;
-        let stored = &bytes[at..at + first.compressed_size as usize];
         let frame = decompress(first.compression, stored, first.frame_size as usize).map_err(|e| {
             Stats::add(&self.stats.verify_failures, 1);
-            tracing::error!(blob = %blob, chunk = members.start, offset, error = %e, "frame does not decompress");
+            tracing::error!(source = %self.image.source().name(), blob = %blob, chunk = members.start, offset, error = %e, "frame does not decompress");
             ReadError::Verify { blob: blob.clone(), chunk: members.start, detail: e.to_string() }
         })?;
         Stats::add(&self.stats.decompressed_bytes, frame.len() as u64);
@@ -585,11 +810,7 @@ impl<S: BlobSource> ChunkStore<S> {
             let digest = table.digest(index);
             let result = if digest.matches(data) {
                 let data = Arc::new(data.to_vec());
-                if let Some(disk) = &self.disk
-                    && let Err(e) = disk.put(&digest, &data)
-                {
-                    tracing::warn!(error = %e, "cannot write to the disk cache");
-                }
+                self.store_on_disk(digest, &data);
                 if keep_in_memory {
                     self.memory
                         .lock()
@@ -599,7 +820,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 Ok(data)
             } else {
                 Stats::add(&self.stats.verify_failures, 1);
-                tracing::error!(blob = %blob, chunk = index, expected = %digest, "chunk digest mismatch: refusing to serve it");
+                tracing::error!(source = %self.image.source().name(), blob = %blob, chunk = index, expected = %digest, "chunk digest mismatch: refusing to serve it");
                 Err(ReadError::Verify {
                     blob: blob.clone(),
                     chunk: index,
@@ -633,7 +854,7 @@ impl<S: BlobSource> ChunkStore<S> {
                 let cached = self
                     .disk
                     .as_ref()
-                    .is_some_and(|d| d.contains(&table.digest(index)));
+                    .is_some_and(|_| self.on_disk(&table.digest(index)));
                 if cached {
                     continue;
                 }
@@ -679,5 +900,7 @@ struct FetchRange {
     blob: usize,
     start: u64,
     end: u64,
+    /// Frames fetched along (readahead), registered as in flight.
+    ahead: Vec<(u64, Arc<Flight>)>,
     frames: Vec<u64>,
 }

@@ -14,6 +14,10 @@ use fuser::{MountOption, SessionACL};
 use crate::api::{StatsReport, socket_path};
 use crate::{http, metrics};
 
+/// Kernel readahead of a mount: one chunk, so sequential reads of a large
+/// file ask for whole chunks.
+const READAHEAD_KIB: u32 = 1024;
+
 /// How to run a mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
@@ -111,6 +115,9 @@ pub fn mount<S: BlobSource + 'static>(
     config.clone_fd = true;
     let mut session = fuser::Session::new(fs, mountpoint, &config)
         .map_err(io("mount at", &mountpoint.display()))?;
+    if let Err(e) = darter_fuse::set_readahead(mountpoint, READAHEAD_KIB) {
+        tracing::warn!(error = %e, "cannot raise the mount's readahead; large reads will be split");
+    }
     let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
     let started = Instant::now();
     let report = {

@@ -117,6 +117,27 @@ impl<S: BlobSource> DarterFs<S> {
         }
     }
 
+    /// Attributes of a negative entry: only the node number (0) matters.
+    fn negative_attr(&self) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(0),
+            size: 0,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::RegularFile,
+            perm: 0,
+            nlink: 0,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: BLKSIZE,
+            flags: 0,
+        }
+    }
+
     /// The path of `nid` as far as lookups have revealed it, for logs.
     fn path_of(&self, nid: u64) -> String {
         let names = self.names.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,6 +223,12 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
         });
         match result {
             Ok(inode) => reply.entry(&self.opts.ttl, &self.attr(&inode), Generation(0)),
+            // A negative entry (node 0) with a lifetime: the kernel caches
+            // that the name does not exist, so the many failing lookups of a
+            // program searching paths (python's imports) are asked once.
+            Err(e) if e == Errno::ENOENT => {
+                reply.entry(&self.opts.ttl, &self.negative_attr(), Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -264,6 +291,8 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
         }
     }
 
+    /// ENOSYS makes the kernel stop sending FLUSH on every close: there
+    /// is nothing to flush in a read-only image.
     fn flush(
         &self,
         _req: &Request,
@@ -272,7 +301,7 @@ impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn ioctl(

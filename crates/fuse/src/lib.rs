@@ -16,4 +16,4 @@ mod fs;
 mod mountpoint;
 
 pub use fs::{DarterFs, FsOptions};
-pub use mountpoint::{MountpointError, prepare_mountpoint};
+pub use mountpoint::{MountpointError, prepare_mountpoint, set_readahead};

@@ -67,3 +67,71 @@ fn probe(path: &Path) -> rustix::io::Result<rustix::fs::Stat> {
     rustix::fs::statfs(path)?;
     rustix::fs::stat(path)
 }
+
+/// Sets the kernel readahead of the filesystem mounted at `path` (its
+/// backing device's `read_ahead_kb`). FUSE connections start at 128 KiB,
+/// which splits every large sequential read into 128 KiB requests; a
+/// chunk is 1 MiB. The device comes from `/proc/self/mountinfo`, not from
+/// stat(2): a stat would wait for the FUSE session to answer.
+pub fn set_readahead(path: &Path, kib: u32) -> io::Result<()> {
+    let canonical = std::fs::canonicalize(path.parent().unwrap_or(path))?
+        .join(path.file_name().unwrap_or_default());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id parent major:minor root mountpoint ...; the last match is
+    // the mount on top.
+    let device = mountinfo
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?;
+            let mountpoint = fields.nth(1)?;
+            (unescape_mountinfo(mountpoint) == canonical.as_os_str().as_encoded_bytes())
+                .then_some(device)
+        })
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "{} is not in /proc/self/mountinfo",
+                canonical.display()
+            ))
+        })?;
+    std::fs::write(
+        format!("/sys/class/bdi/{device}/read_ahead_kb"),
+        format!("{kib}\n"),
+    )
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), b"/a b\\c");
+        assert_eq!(unescape_mountinfo("/plain"), b"/plain");
+    }
+}

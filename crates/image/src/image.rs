@@ -37,6 +37,8 @@ pub struct Image<S> {
     bootstrap_stored_size: u64,
     source: S,
     tables: Vec<OnceLock<ChunkTable>>,
+    /// Held while a table is fetched, so concurrent first readers fetch it once.
+    table_fetch: Mutex<()>,
     frames: Mutex<Vec<(FrameKey, Arc<Vec<u8>>)>>,
 }
 
@@ -113,6 +115,7 @@ impl<S: BlobSource> Image<S> {
             bootstrap_stored_size: boot_desc.size(),
             source,
             tables,
+            table_fetch: Mutex::new(()),
             frames: Mutex::new(Vec::new()),
         })
     }
@@ -150,6 +153,10 @@ impl<S: BlobSource> Image<S> {
     /// The chunk table of blob `blob`, fetched (one ranged read of the
     /// blob's tail) and verified on first use.
     pub fn chunk_table(&self, blob: usize) -> Result<&ChunkTable, ImageError> {
+        if let Some(t) = self.tables[blob].get() {
+            return Ok(t);
+        }
+        let _fetching = self.table_fetch.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = self.tables[blob].get() {
             return Ok(t);
         }

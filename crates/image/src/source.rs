@@ -92,7 +92,12 @@ impl BlobSource for LayoutBlobs {
 }
 
 impl<T: BlobSource + ?Sized> BlobSource for Box<T> {
-    fn read_range(&self, digest: &OciDigest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+    fn read_range(
+        &self,
+        digest: &OciDigest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, SourceError> {
         (**self).read_range(digest, offset, len)
     }
     fn name(&self) -> String {
@@ -101,7 +106,12 @@ impl<T: BlobSource + ?Sized> BlobSource for Box<T> {
 }
 
 impl<T: BlobSource + ?Sized> BlobSource for std::sync::Arc<T> {
-    fn read_range(&self, digest: &OciDigest, offset: u64, len: u64) -> Result<Vec<u8>, SourceError> {
+    fn read_range(
+        &self,
+        digest: &OciDigest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, SourceError> {
         (**self).read_range(digest, offset, len)
     }
     fn name(&self) -> String {

@@ -3,6 +3,7 @@
 //! body reads, error mapping and the retry loop. The operations themselves
 //! live in `manifest`, `blob` and `upload`.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,13 @@ const MAX_REDIRECTS: u32 = 5;
 const MAX_ERROR_BODY: u64 = 64 << 10;
 /// Longest registry error message kept.
 const MAX_ERROR_MESSAGE: usize = 300;
+
+tokio::task_local! {
+    /// The (redacted) URL of the last request the running attempt sent, so
+    /// that an attempt cut short by the operation deadline (a stall) still
+    /// names where it hung.
+    static URL_IN_FLIGHT: RefCell<Option<String>>;
+}
 
 /// A registry client. Cheap to clone; clones share connections, credentials
 /// and cached tokens, so one client serves a whole process (e.g. every read
@@ -202,6 +210,8 @@ impl Client {
             } else {
                 None
             };
+            // Outside a retry loop no deadline can cut the request short.
+            let _ = URL_IN_FLIGHT.try_with(|u| u.replace(Some(redact_url(&url))));
             let response = self.send_once(request, &url, auth.as_ref()).await?;
             let status = response.status();
             debug!(method = %request.method, url = %redact_url(&url), status = status.as_u16(), "registry request");
@@ -289,15 +299,22 @@ impl Client {
         loop {
             let outcome = match mode {
                 DeadlineMode::CutAttempts => {
-                    tokio::time::timeout_at(budget.deadline, attempt()).await
+                    let cut = tokio::time::timeout_at(budget.deadline, attempt());
+                    URL_IN_FLIGHT
+                        .scope(RefCell::new(None), async {
+                            cut.await
+                                .map_err(|_elapsed| URL_IN_FLIGHT.with(RefCell::take))
+                        })
+                        .await
                 }
                 DeadlineMode::BetweenAttempts => Ok(attempt().await),
             };
             let failure = match outcome {
                 Ok(Ok(value)) => return Ok(value),
                 Ok(Err(failure)) => failure,
-                Err(_elapsed) => {
-                    let url = last_error.as_ref().and_then(|f| f.url.clone());
+                Err(url_in_flight) => {
+                    let url =
+                        url_in_flight.or_else(|| last_error.as_ref().and_then(|f| f.url.clone()));
                     let kind = ErrorKind::DeadlineExceeded {
                         deadline: budget.policy.operation_deadline,
                         last_error: last_error.map(|f| Box::new(f.kind)),
@@ -539,6 +556,39 @@ mod tests {
             budget.retry_after(&status(404)).is_none(),
             "final failures end it"
         );
+    }
+
+    /// Regression: when the deadline cut the first attempt (a registry that
+    /// stalls), the error named no URL, so a mount's log could not say
+    /// where reads hung.
+    #[tokio::test]
+    async fn deadline_cutting_a_stalled_first_attempt_named_no_url() {
+        use darter_testkit::faultproxy::{LoopbackServer, response};
+        let stalling = LoopbackServer::start(|_request| async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            response(200, &[], "")
+        });
+        let host = stalling.addr().to_string();
+        let config = ClientConfig {
+            retry: policy(3, Duration::from_millis(300)),
+            credentials: crate::CredentialSource::anonymous(),
+            ..ClientConfig::default()
+        }
+        .with_plain_http(host.clone());
+        let client = Client::new(config).unwrap();
+        let repository = Repository::parse(&format!("{host}/stalls/here")).unwrap();
+        let digest = darter_format::DigestAlgo::Sha256.digest(b"blob");
+        let err = client
+            .get_blob_range(&repository, &digest, 0..1)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::DeadlineExceeded { .. }),
+            "{err}"
+        );
+        let url = format!("http://{host}/v2/stalls/here/blobs/{digest}");
+        assert_eq!(err.url(), Some(url.as_str()), "{err}");
+        assert!(err.to_string().contains(&url), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -127,7 +127,10 @@ impl Context {
 fn image_args(command: &Command) -> Vec<&str> {
     match command {
         Command::Build(a) => [
-            Some(a.source.as_str()),
+            // A directory source is no image, even when its name parses as
+            // one (`rootfs` would be docker.io/library/rootfs and take the
+            // login meant for the destination), as `build` itself decides.
+            (!std::path::Path::new(&a.source).is_dir()).then_some(a.source.as_str()),
             Some(a.output.as_str()),
             a.parent.as_deref(),
         ]

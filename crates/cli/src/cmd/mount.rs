@@ -48,7 +48,7 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
         prefetch_all,
         metrics_addr: args.metrics_addr.or(config.metrics_addr),
         threads: args.threads.or(config.threads).unwrap_or(DEFAULT_THREADS),
-        store: darter_cache::StoreOptions::default(),
+        store: store_options(&args.image),
     };
     if args.daemon {
         return detach(args, ctx, &opts, prefetch_all);
@@ -153,3 +153,20 @@ fn detach(
 fn display(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Chunk store tuning for where the image lives: from a local layout a
+/// request costs less than fetching a few hundred KiB more, so frames that
+/// follow are fetched along; over a network every extra byte counts.
+fn store_options(image: &str) -> darter_cache::StoreOptions {
+    let local = matches!(
+        darter_remote::ImageRef::parse(image),
+        Ok(darter_remote::ImageRef::Layout(_))
+    );
+    darter_cache::StoreOptions {
+        blob_readahead: if local { LOCAL_BLOB_READAHEAD } else { 0 },
+        ..darter_cache::StoreOptions::default()
+    }
+}
+
+/// Compressed bytes fetched along after a miss from a local layout.
+const LOCAL_BLOB_READAHEAD: u64 = 512 << 10;

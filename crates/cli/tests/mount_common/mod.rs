@@ -1,0 +1,576 @@
+//! Helpers for the tests that mount images with the real `darter` binary
+//! through real FUSE: mount daemons that are unmounted and killed when the
+//! test ends (also when it fails), the counters `darter stats --json`
+//! reports, and where a chunk lives in a blob and in the chunk cache.
+//!
+//! A test binary using these declares `mod common; mod mount_common;`
+//! (the generic helpers for driving `darter` live in `common`).
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use darter_testkit::compare::{CompareOptions, compare_trees};
+use darter_testkit::process::{ChildGuard, MountGuard, wait_until};
+use rustix::process::{Pid, Signal};
+use serde_json::Value;
+use sha2::{Digest as _, Sha256};
+
+use crate::common::{DARTER, darter, num, oci};
+
+/// How long a daemon may take to start serving or to stop.
+pub const DAEMON_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A scratch directory for one test, deleted at the end. Declare it before
+/// any [`Mounted`] so the mounts go first.
+pub struct Work {
+    dir: tempfile::TempDir,
+}
+
+impl Work {
+    pub fn new() -> Self {
+        Work {
+            dir: tempfile::Builder::new()
+                .prefix("darter-mount-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    /// `name` inside the scratch directory (not created).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// An empty directory `name` to mount on.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::create_dir_all(&path).unwrap();
+        path
+    }
+
+    /// The test's chunk cache directory.
+    pub fn cache(&self) -> PathBuf {
+        self.path("cache")
+    }
+
+    /// `darter mount IMAGE DIR --cache CACHE EXTRA...` in the foreground on
+    /// a new directory `name`, with the test's chunk cache.
+    #[track_caller]
+    pub fn mount(&self, image: &BuiltImage, name: &str, extra: &[&str]) -> Mounted {
+        Mounted::foreground(
+            &image.reference,
+            &self.mountpoint(name),
+            &self.cache(),
+            extra,
+        )
+    }
+
+    /// `darter unpack IMAGE` into a new directory; returns it.
+    #[track_caller]
+    pub fn unpack(&self, image: &BuiltImage) -> PathBuf {
+        let dir = self.path("unpacked");
+        crate::common::unpack(&image.reference, &dir);
+        dir
+    }
+}
+
+/// An image built for a test.
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    /// `oci:LAYOUT:TAG`.
+    pub reference: String,
+    pub layout: PathBuf,
+    pub tag: String,
+    /// `darter inspect --json`.
+    pub inspect: Value,
+}
+
+impl BuiltImage {
+    /// Builds `source` into a new layout at `layout`, tag `t`, with extra
+    /// `darter build` options.
+    #[track_caller]
+    pub fn build(source: &Path, layout: &Path, extra: &[&str]) -> Self {
+        let reference = oci(layout, "t");
+        crate::common::build(source, &reference, extra);
+        let inspect = crate::common::inspect(&reference);
+        BuiltImage {
+            reference,
+            layout: layout.to_owned(),
+            tag: "t".into(),
+            inspect,
+        }
+    }
+
+    /// Bytes a mount may fetch besides chunk data: the stored bootstrap
+    /// and, for each blob, its chunk table and trailer (everything after
+    /// the frames).
+    pub fn metadata_bytes(&self) -> u64 {
+        let tables: u64 = self.inspect["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| num(b, "/size") - num(b, "/data_bytes"))
+            .sum();
+        num(&self.inspect, "/bootstrap_bytes") + tables
+    }
+
+    /// Compressed bytes of all frames (what `image_bytes` reports).
+    pub fn stored_bytes(&self) -> u64 {
+        num(&self.inspect, "/stored_bytes")
+    }
+
+    /// Unique chunks of the image (one cache file each).
+    pub fn unique_chunks(&self) -> u64 {
+        num(&self.inspect, "/unique_chunks")
+    }
+}
+
+/// The counters of `darter stats --json`, with their names as documented
+/// (deliberately not the daemon's own type: this pins the JSON contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub struct Counters {
+    pub pid: u32,
+    pub backend_bytes: u64,
+    pub backend_requests: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub verify_failures: u64,
+    pub prefetch_bytes: u64,
+    pub read_bytes: u64,
+    pub decompressed_bytes: u64,
+    pub image_bytes: u64,
+}
+
+/// `darter stats MOUNTPOINT --json`, or `None` if it fails.
+pub fn try_stats(mountpoint: &Path) -> Option<Counters> {
+    let out = darter([
+        OsStr::new("stats"),
+        mountpoint.as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    if out.status != Some(0) {
+        return None;
+    }
+    Some(serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}")))
+}
+
+/// Which process serves a mount.
+enum Daemon {
+    /// `darter mount` in the foreground: our child, in its own process
+    /// group, logging to a file of ours.
+    Foreground { child: ChildGuard },
+    /// `darter mount -d`: a daemon that is not our child.
+    Detached { pid: u32 },
+}
+
+/// A `darter mount` serving a directory. Dropping it unmounts the directory,
+/// gives the daemon a moment to finish cleanly (it removes its API socket)
+/// and then kills it.
+pub struct Mounted {
+    mountpoint: PathBuf,
+    /// Taken (unmounting) when the mount is dropped.
+    unmount: Option<MountGuard>,
+    daemon: Daemon,
+    log: PathBuf,
+}
+
+/// How long a dropped mount's daemon gets to exit by itself.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+impl Mounted {
+    /// `darter mount IMAGE MOUNTPOINT --cache CACHE EXTRA...` in the
+    /// foreground, as our child; returns once it serves.
+    #[track_caller]
+    pub fn foreground(image: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Self {
+        Self::spawn_foreground(
+            mount_command(image, mountpoint, cache, extra),
+            mountpoint,
+            None,
+        )
+    }
+
+    /// `darter mount -d ...`: returns once the command has returned (the
+    /// daemon serves by then).
+    #[track_caller]
+    pub fn detached(image: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Self {
+        let mut cmd = mount_command(image, mountpoint, cache, extra);
+        cmd.arg("-d");
+        Self::run_detached(cmd, mountpoint, None)
+    }
+
+    /// Runs `cmd`, a foreground `darter [FLAGS] mount ...` serving
+    /// `mountpoint`, as our child with `stdin` written to it (e.g. a
+    /// password) and its log in a file beside the mountpoint; returns once
+    /// it serves.
+    #[track_caller]
+    pub fn spawn_foreground(mut cmd: Command, mountpoint: &Path, stdin: Option<&[u8]>) -> Self {
+        let log = log_path_beside(mountpoint);
+        cmd.stdin(stdin_for(stdin))
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        let mut child = ChildGuard::spawn(&mut cmd).unwrap();
+        feed(child.child().stdin.take(), stdin);
+        let pid = child.id();
+        let mut mounted = Mounted {
+            mountpoint: mountpoint.to_owned(),
+            unmount: Some(MountGuard::new(mountpoint)),
+            daemon: Daemon::Foreground { child },
+            log,
+        };
+        mounted.wait_serving(pid);
+        mounted
+    }
+
+    /// Runs `cmd`, a `darter [FLAGS] mount -d ...` serving `mountpoint`,
+    /// with `stdin` written to it, and asserts that it returned only once
+    /// the daemon served, naming the daemon's pid and log.
+    #[track_caller]
+    pub fn run_detached(mut cmd: Command, mountpoint: &Path, stdin: Option<&[u8]>) -> Self {
+        let guard = MountGuard::new(mountpoint);
+        cmd.stdin(stdin_for(stdin))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        feed(child.stdin.take(), stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "darter mount -d failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let counters = try_stats(mountpoint).expect("darter mount -d returned before serving");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let log = daemon_log_path(mountpoint);
+        assert!(
+            stdout.contains(&format!("pid {}", counters.pid))
+                && stdout.contains(&log.display().to_string()),
+            "mount -d should name the daemon's pid {} and its log {}: {stdout}",
+            counters.pid,
+            log.display()
+        );
+        Mounted {
+            mountpoint: mountpoint.to_owned(),
+            unmount: Some(guard),
+            daemon: Daemon::Detached { pid: counters.pid },
+            log,
+        }
+    }
+
+    #[track_caller]
+    fn wait_serving(&mut self, pid: u32) {
+        let mountpoint = self.path().to_owned();
+        wait_until(DAEMON_TIMEOUT, "the mount daemon to serve", || {
+            if let Daemon::Foreground { child } = &mut self.daemon
+                && let Some(status) = child.child().try_wait().unwrap()
+            {
+                panic!(
+                    "darter mount exited ({status}) before serving:\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            try_stats(&mountpoint).is_some_and(|c| c.pid == pid)
+        });
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// `path()/rel`.
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.path().join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        match &self.daemon {
+            Daemon::Foreground { child } => child.id(),
+            Daemon::Detached { pid } => *pid,
+        }
+    }
+
+    /// The counters now.
+    #[track_caller]
+    pub fn stats(&self) -> Counters {
+        let c = try_stats(self.path())
+            .unwrap_or_else(|| panic!("darter stats failed; log:\n{}", self.log()));
+        assert_eq!(c.pid, self.pid(), "stats answered by another daemon");
+        c
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.pid() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+    }
+
+    /// SIGKILLs the daemon and waits until it is gone, leaving its mount
+    /// behind (stale); the guard still detaches it at the end.
+    pub fn kill(&mut self) {
+        self.signal(Signal::KILL);
+        wait_until(DAEMON_TIMEOUT, "the killed daemon to go", || {
+            self.daemon.exited()
+        });
+    }
+
+    /// Waits for a foreground daemon to exit by itself.
+    #[track_caller]
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let Daemon::Foreground { child } = &mut self.daemon else {
+            panic!("only a foreground daemon can be waited for");
+        };
+        let mut status = None;
+        wait_until(DAEMON_TIMEOUT, "darter mount to exit", || {
+            status = child.child().try_wait().unwrap();
+            status.is_some()
+        });
+        status.unwrap()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        drop(self.unmount.take());
+        // Not wait_until: a panic while a failed test unwinds would abort.
+        let deadline = Instant::now() + EXIT_GRACE;
+        while !self.daemon.exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // A detached daemon logs to the shared runtime directory: tidy up.
+        if let Daemon::Detached { .. } = self.daemon {
+            let _ = std::fs::remove_file(&self.log);
+        }
+        // Then the daemon field drops, killing what is left.
+    }
+}
+
+impl Daemon {
+    fn exited(&mut self) -> bool {
+        match self {
+            Daemon::Foreground { child } => !matches!(child.child().try_wait(), Ok(None)),
+            Daemon::Detached { pid } => !Path::new(&format!("/proc/{pid}")).exists(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // ChildGuard kills a foreground daemon itself. A detached one has
+        // exited after the unmount unless it hangs; make sure.
+        if let Daemon::Detached { pid } = self {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.starts_with(DARTER.as_bytes())
+                && let Some(pid) = Pid::from_raw(*pid as i32)
+            {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// `darter mount IMAGE MOUNTPOINT --cache CACHE EXTRA...`, hermetic (no
+/// config file, no log filter from the environment).
+pub fn mount_command(image: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(DARTER);
+    cmd.arg("mount")
+        .arg(image)
+        .arg(mountpoint)
+        .arg("--cache")
+        .arg(cache)
+        .args(extra)
+        .env("DARTER_CONFIG", "/dev/null")
+        .env_remove("DARTER_LOG");
+    cmd
+}
+
+/// Writes `input`, if any, to a child's stdin and closes it.
+fn feed(pipe: Option<ChildStdin>, input: Option<&[u8]>) {
+    if let Some(input) = input {
+        pipe.expect("stdin is piped").write_all(input).unwrap();
+    }
+}
+
+/// A pipe if there is something to write, else nothing.
+fn stdin_for(input: Option<&[u8]>) -> Stdio {
+    if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    }
+}
+
+fn log_path_beside(mountpoint: &Path) -> PathBuf {
+    let mut name = mountpoint.file_name().unwrap().to_owned();
+    name.push(".log");
+    mountpoint.with_file_name(name)
+}
+
+/// The API socket of the daemon serving `mountpoint` (as the daemon names it).
+pub fn api_socket(mountpoint: &Path) -> PathBuf {
+    darter_daemon::api::socket_path(mountpoint)
+}
+
+/// Where `darter mount -d` logs: beside the API socket.
+pub fn daemon_log_path(mountpoint: &Path) -> PathBuf {
+    api_socket(mountpoint).with_extension("log")
+}
+
+/// True if `path` is a mount point now (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    darter_testkit::process::mounts_under(path)
+        .unwrap()
+        .iter()
+        .any(|m| m == path)
+}
+
+/// Asserts that `result` failed with EIO.
+#[track_caller]
+pub fn assert_eio<T: std::fmt::Debug>(result: io::Result<T>, what: &str) {
+    match result {
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {}
+        other => panic!("{what}: expected EIO, got {other:?}"),
+    }
+}
+
+/// Compares a mounted tree with the unpacked one. FUSE has no holes
+/// (SEEK_HOLE sees only data), so holes are compared as zeros.
+#[track_caller]
+pub fn assert_mount_matches(expected: &Path, mounted: &Path) {
+    let opts = CompareOptions {
+        check_holes: false,
+        ..CompareOptions::default()
+    };
+    compare_trees(expected, mounted, &opts).unwrap();
+}
+
+/// Writes `files` (relative path, size) into `root`: distinct
+/// incompressible bytes per file, so each file's chunks are its own.
+pub fn noise_files(root: &Path, files: &[(&str, usize)]) {
+    for (i, (name, size)) in files.iter().enumerate() {
+        crate::common::write_file(
+            &root.join(name),
+            &crate::common::noise(1000 + i as u64, *size),
+        );
+    }
+}
+
+/// Lowercase hex sha256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// Where a chunk is stored in an image built with `--digest sha256`, read
+/// from the blob's trailer and chunk table (docs/format.md, section 2).
+#[derive(Debug, Clone)]
+pub struct StoredChunk {
+    /// The blob file.
+    pub blob: PathBuf,
+    /// The blob's OCI digest (`sha256:HEX`).
+    pub blob_digest: String,
+    /// Index of the chunk's record in the blob's chunk table.
+    pub index: usize,
+    /// The stored frame holding the chunk: offset and length in the blob.
+    pub frame_offset: u64,
+    pub frame_len: u64,
+    /// 0 none, 1 zstd, 2 lz4.
+    pub compression: u8,
+}
+
+const TRAILER_LEN: usize = 128;
+const RECORD_LEN: usize = 64;
+const DIGEST_SHA256: u8 = 2;
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// Finds the chunk whose bytes are `chunk` in the image `image` (built
+/// with `--digest sha256`).
+#[track_caller]
+pub fn locate_chunk(image: &BuiltImage, chunk: &[u8]) -> StoredChunk {
+    let want = Sha256::digest(chunk);
+    for blob_digest in crate::common::data_blob_digests(&image.layout, &image.tag) {
+        let blob = crate::common::blob_path(&image.layout, &blob_digest);
+        let bytes = std::fs::read(&blob).unwrap();
+        let trailer = &bytes[bytes.len() - TRAILER_LEN..];
+        assert_eq!(&trailer[..8], b"DARTBLOB");
+        assert_eq!(
+            trailer[57], DIGEST_SHA256,
+            "build the image with --digest sha256"
+        );
+        let (table_offset, stored_len, table_len) = (
+            u64_at(trailer, 32),
+            u64_at(trailer, 40),
+            u64_at(trailer, 48),
+        );
+        let stored = &bytes[table_offset as usize..(table_offset + stored_len) as usize];
+        let table = match trailer[56] {
+            0 => stored.to_vec(),
+            1 => zstd::bulk::decompress(stored, table_len as usize).unwrap(),
+            other => panic!("unknown table compression {other}"),
+        };
+        let found = table.chunks(RECORD_LEN).position(|r| r[32..64] == want[..]);
+        if let Some(index) = found {
+            let r = &table[index * RECORD_LEN..][..RECORD_LEN];
+            return StoredChunk {
+                blob,
+                blob_digest,
+                index,
+                frame_offset: u64_at(r, 0),
+                frame_len: u64::from(u32::from_le_bytes(r[8..12].try_into().unwrap())),
+                compression: r[28],
+            };
+        }
+    }
+    panic!(
+        "no chunk with sha256 {} in {}",
+        hex::encode(want),
+        image.reference
+    );
+}
+
+/// The cache file of chunk `chunk` (an image built with `--digest sha256`).
+pub fn cached_chunk_path(cache: &Path, chunk: &[u8]) -> PathBuf {
+    let hex = sha256_hex(chunk);
+    cache.join("chunks/sha256").join(&hex[..2]).join(hex)
+}
+
+/// Every chunk file in `cache` (name, bytes).
+pub fn cached_chunks(cache: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![cache.join("chunks")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else {
+                out.push((entry.path(), meta.len()));
+            }
+        }
+    }
+    out
+}
+
+/// Runs `f` and says how long it took.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let out = f();
+    (out, start.elapsed())
+}

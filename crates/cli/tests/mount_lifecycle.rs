@@ -1,0 +1,223 @@
+//! The life of a mount: clean unmounts on SIGINT/SIGTERM and `umount`,
+//! recovery of a mountpoint left behind by a killed daemon, `darter stats`
+//! and the Prometheus endpoint, and what a second mount on a served
+//! mountpoint gets.
+
+// Helpers are test code too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+mod mount_common;
+
+use std::ffi::OsStr;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+
+use common::darter;
+use darter_testkit::process::{free_port, run};
+use mount_common::{
+    BuiltImage, Mounted, Work, api_socket, assert_mount_matches, is_mounted, noise_files,
+};
+use rustix::process::Signal;
+
+const KIB: usize = 1 << 10;
+
+/// A small image of a few files; returns (source, image).
+fn small_image(work: &Work) -> (std::path::PathBuf, BuiltImage) {
+    let source = work.path("source");
+    noise_files(&source, &[("a", 300 * KIB), ("dir/b", 5000), ("dir/c", 0)]);
+    let image = BuiltImage::build(&source, &work.path("layout"), &[]);
+    (source, image)
+}
+
+/// Asserts that nothing is left of the mount at `mountpoint`: not in the
+/// mount table, no API socket, `darter stats` refuses.
+fn assert_gone(mountpoint: &Path) {
+    assert!(
+        !is_mounted(mountpoint),
+        "{} is still mounted",
+        mountpoint.display()
+    );
+    let socket = api_socket(mountpoint);
+    assert!(!socket.exists(), "{} is left behind", socket.display());
+    darter([OsStr::new("stats"), mountpoint.as_os_str()]).fails_with(1);
+}
+
+/// How a foreground mount is asked to stop.
+type Stop = (&'static str, fn(&Mounted));
+
+const STOPS: &[Stop] = &[
+    ("SIGINT", |m| m.signal(Signal::INT)),
+    ("SIGTERM", |m| m.signal(Signal::TERM)),
+    ("umount", |m| {
+        run(Command::new("umount").arg(m.path()));
+    }),
+    ("fusermount3 -u", |m| {
+        run(Command::new("fusermount3").arg("-u").arg(m.path()));
+    }),
+];
+
+#[test]
+fn a_foreground_mount_stops_cleanly_on_signals_and_unmounts() {
+    let work = Work::new();
+    let (source, image) = small_image(&work);
+    for (how, stop) in STOPS {
+        let mut mount = work.mount(&image, &format!("mnt-{}", how.replace(' ', "-")), &[]);
+        let mountpoint = mount.path().to_owned();
+        assert!(
+            is_mounted(&mountpoint) && api_socket(&mountpoint).exists(),
+            "{how}"
+        );
+        assert_mount_matches(&source, mount.path());
+
+        stop(&mount);
+        let status = mount.wait_exit();
+        assert!(
+            status.success(),
+            "{how}: darter mount exited with {status}:\n{}",
+            mount.log()
+        );
+        assert_gone(&mountpoint);
+        let log = mount.log();
+        assert!(
+            !log.contains("ERROR") && !log.contains("panicked"),
+            "{how}:\n{log}"
+        );
+    }
+}
+
+/// Regression: the stale mount was looked for with stat(2), which the
+/// kernel answers for a FUSE root from its attribute cache (valid for the
+/// mount's long timeouts) even after the daemon died; so a mountpoint that
+/// had been used was not recognized as stale and the next mount failed
+/// with ENOTCONN.
+#[test]
+fn stale_mountpoint_with_cached_root_attributes_is_recovered_by_the_next_mount() {
+    let work = Work::new();
+    let (source, image) = small_image(&work);
+    let mut dead = work.mount(&image, "mnt", &[]);
+    let mountpoint = dead.path().to_owned();
+    std::fs::metadata(&mountpoint).unwrap();
+    std::fs::read(dead.join("a")).unwrap();
+    dead.kill();
+    let err = std::fs::read_dir(&mountpoint).unwrap_err();
+    assert_eq!(
+        err.raw_os_error(),
+        Some(rustix::io::Errno::NOTCONN.raw_os_error()),
+        "a killed daemon's mount should be stale: {err}"
+    );
+
+    let again = Mounted::detached(&image.reference, &mountpoint, &work.cache(), &[]);
+    let mounts = darter_testkit::process::mounts_under(&mountpoint).unwrap();
+    assert_eq!(
+        mounts,
+        std::slice::from_ref(&mountpoint),
+        "the stale mount should be gone, not covered"
+    );
+    assert_mount_matches(&source, again.path());
+    let log = again.log();
+    assert!(
+        log.contains("stale"),
+        "the recovery should be logged:\n{log}"
+    );
+}
+
+#[test]
+fn a_served_mountpoint_is_not_mounted_twice() {
+    let work = Work::new();
+    let (_, image) = small_image(&work);
+    let mount = work.mount(&image, "mnt", &[]);
+    darter([
+        OsStr::new("mount"),
+        OsStr::new(&image.reference),
+        mount.path().as_os_str(),
+        OsStr::new("--cache"),
+        work.path("cache2").as_os_str(),
+    ])
+    .fails_with(1)
+    .mentions(&["already served", &format!("pid {}", mount.pid())]);
+    assert_eq!(
+        mount.stats().pid,
+        mount.pid(),
+        "the first mount should still serve"
+    );
+}
+
+#[test]
+fn stats_of_a_path_no_daemon_serves_is_a_clear_error() {
+    let work = Work::new();
+    let plain = work.mountpoint("plain");
+    let missing = work.path("missing");
+    for path in [&plain, &missing] {
+        for json in [false, true] {
+            let mut args = vec![OsStr::new("stats"), path.as_os_str()];
+            if json {
+                args.push(OsStr::new("--json"));
+            }
+            let out = darter(args).fails_with(1);
+            let shown = path.display().to_string();
+            let out = out.mentions(&["no Darter daemon serves", &shown]);
+            assert!(out.stdout.is_empty(), "{out:?}");
+        }
+    }
+}
+
+/// `GET path` on `addr`; returns (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The value of the sample of metric `name` in a Prometheus exposition.
+fn sample(exposition: &str, name: &str) -> u64 {
+    let line = exposition
+        .lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .unwrap_or_else(|| panic!("no sample of {name}:\n{exposition}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn metrics_endpoint_serves_the_counters() {
+    let work = Work::new();
+    let (source, image) = small_image(&work);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mount = work.mount(&image, "mnt", &["--metrics-addr", &addr]);
+    assert_mount_matches(&source, mount.path());
+    let stats = mount.stats();
+
+    let (status, body) = http_get(&addr, "/metrics");
+    assert!(status.contains(" 200 "), "{status}");
+    for (name, value) in [
+        ("darter_backend_bytes_total", stats.backend_bytes),
+        ("darter_backend_requests_total", stats.backend_requests),
+        ("darter_cache_hits_total", stats.cache_hits),
+        ("darter_cache_misses_total", stats.cache_misses),
+        ("darter_verify_failures_total", stats.verify_failures),
+        ("darter_prefetch_bytes_total", stats.prefetch_bytes),
+        ("darter_read_bytes_total", stats.read_bytes),
+        ("darter_decompressed_bytes_total", stats.decompressed_bytes),
+        ("darter_image_bytes", stats.image_bytes),
+    ] {
+        assert_eq!(sample(&body, name), value, "{name}:\n{body}");
+        assert!(body.contains(&format!("# TYPE {name} ")), "{name}:\n{body}");
+    }
+    assert!(stats.read_bytes > 0 && stats.backend_bytes > 0, "{stats:?}");
+    assert!(
+        body.contains(&format!("image=\"{}\"", image.reference)),
+        "{body}"
+    );
+
+    let (status, _) = http_get(&addr, "/nothing");
+    assert!(status.contains(" 404 "), "{status}");
+}
