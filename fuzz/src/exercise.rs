@@ -1,7 +1,11 @@
-//! Drives `darter-format`'s readers with one fuzz input each and asserts
-//! what they promise. Errors are expected answers to hostile bytes; a panic
-//! (including a failed assertion here) is a finding.
+//! Drives `darter-format`'s readers and `darter-builder`'s tar reader
+//! with one fuzz input each and asserts what they promise. Errors are
+//! expected answers to hostile bytes; a panic (including a failed
+//! assertion here) is a finding.
 
+use std::io::Read;
+
+use darter_builder::tar::{EntryHeader, EntryKind, MAX_PATH, TarError, TarReader};
 use darter_format::blob::{BLOB_TRAILER_SIZE, BlobGeometry, BlobTrailer, ChunkTable};
 use darter_format::bootstrap::{BlobEntry, Bootstrap};
 use darter_format::compress::{Compression, decompress};
@@ -165,6 +169,132 @@ pub fn frame(data: &[u8]) {
             if codec == Compression::None {
                 assert_eq!(out, input.stored, "a raw frame is its stored bytes");
             }
+        }
+    }
+}
+
+/// Reads at most this much of one entry's data: a sparse map can make a
+/// few input bytes stand for terabytes of holes.
+const MAX_TAR_DATA: u64 = 1 << 20;
+
+/// Reads `data` as a tar stream with Darter's reader (see [`check_tar`]),
+/// and again with the checksum of every ustar or GNU header block made
+/// right: a mutation rarely keeps it right, and would never get past it to
+/// the fields.
+pub fn tar(data: &[u8]) {
+    check_tar(data);
+    let fixed = with_header_checksums(data);
+    if fixed != data {
+        check_tar(&fixed);
+    }
+}
+
+/// Reads a tar stream twice, from the whole slice and one byte per `read`
+/// call. Both must see the same entries, data and error (the reader
+/// streams, so how the input is cut must not matter), every entry's data
+/// must be exactly its size, and every error must point inside the input.
+fn check_tar(data: &[u8]) {
+    let whole = read_tar(data);
+    let trickled = read_tar(OneByte(data));
+    assert_eq!(
+        whole, trickled,
+        "reading one byte at a time changed the result"
+    );
+    if let Err(error) = &whole.end {
+        assert!(
+            error.0 <= data.len() as u64,
+            "error offset beyond the input of {} bytes: {}",
+            data.len(),
+            error.1
+        );
+    }
+}
+
+/// `data` with the checksum of each block that has the ustar magic
+/// recomputed (the sum of its bytes, the checksum field read as spaces).
+fn with_header_checksums(data: &[u8]) -> Vec<u8> {
+    const MAGIC: std::ops::Range<usize> = 257..262;
+    const CHECKSUM: std::ops::Range<usize> = 148..156;
+    let mut fixed = data.to_vec();
+    for block in fixed.chunks_exact_mut(512) {
+        if &block[MAGIC] == b"ustar" {
+            block[CHECKSUM].fill(b' ');
+            let sum: u32 = block.iter().map(|&b| u32::from(b)).sum();
+            block[CHECKSUM].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        }
+    }
+    fixed
+}
+
+/// What reading a tar stream gave: entries with (a prefix of) their data,
+/// then the end or an error (offset and message).
+#[derive(Debug, PartialEq, Eq)]
+struct TarRead {
+    entries: Vec<(EntryHeader, Vec<u8>)>,
+    end: Result<(), (u64, String)>,
+}
+
+fn read_tar(input: impl Read) -> TarRead {
+    let mut reader = TarReader::new(input);
+    let mut entries = Vec::new();
+    let end = loop {
+        let mut entry = match reader.next_entry() {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err((e.offset, e.to_string())),
+        };
+        let header = entry.header.clone();
+        check_tar_header(&header);
+        let want = header.size.min(MAX_TAR_DATA);
+        let mut content = Vec::new();
+        if let Err(e) = (&mut entry).take(want).read_to_end(&mut content) {
+            let error = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<TarError>());
+            let error = error.unwrap_or_else(|| panic!("a data error that is not a TarError: {e}"));
+            break Err((error.offset, error.to_string()));
+        }
+        assert_eq!(
+            content.len() as u64,
+            want,
+            "{header:?}: data shorter than its size"
+        );
+        if want == header.size {
+            let mut more = [0u8; 1];
+            assert!(
+                matches!(entry.read(&mut more), Ok(0)),
+                "{header:?}: data beyond its size"
+            );
+        }
+        entries.push((header, content));
+    };
+    TarRead { entries, end }
+}
+
+fn check_tar_header(header: &EntryHeader) {
+    assert!(header.path.len() <= MAX_PATH && header.link.len() <= MAX_PATH);
+    assert!(
+        header.xattrs.windows(2).all(|w| w[0].0 < w[1].0),
+        "xattrs sorted and unique"
+    );
+    assert!(header.mtime.nsec < 1_000_000_000);
+    if header.kind != EntryKind::File {
+        assert_eq!(header.size, 0, "{header:?}: only files have data");
+    }
+}
+
+/// A reader that hands out one byte per call.
+struct OneByte<'a>(&'a [u8]);
+
+impl Read for OneByte<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match (self.0.split_first(), buf.first_mut()) {
+            (Some((&byte, rest)), Some(slot)) => {
+                *slot = byte;
+                self.0 = rest;
+                Ok(1)
+            }
+            _ => Ok(0),
         }
     }
 }

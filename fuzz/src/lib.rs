@@ -1,7 +1,8 @@
 //! Fuzzing harness for Darter's parsers of untrusted input.
 //!
 //! Owns the byte layouts the fuzz targets read ([`input`]) and the code that
-//! drives `darter-format` with them ([`exercise`]): the targets in
+//! drives `darter-format` and the tar reader of `darter-builder` with them
+//! ([`exercise`]; the `tar` target takes raw tar streams): the targets in
 //! `fuzz_targets/` are one-line wrappers, and the seed generator
 //! (`examples/make_seeds.rs`) encodes real images through the same
 //! [`input`] functions, so seeds and targets cannot drift apart.

@@ -16,6 +16,10 @@ use darter_format::compress::{Compression, Compressor};
 use darter_format::erofs::ondisk::ChunkIndex;
 use darter_format::tree::FileData;
 
+/// Largest regular file accepted (16 TiB): beyond what any image holds, and
+/// a cap on what a hostile archive header can make the builder read.
+pub const MAX_FILE_SIZE: u64 = 1 << 44;
+
 /// How chunks are cut, hashed and compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkSettings {
@@ -355,8 +359,14 @@ impl Chunker {
 
     /// Chunks a whole file read sequentially from `reader` (`size` bytes).
     pub fn chunk_stream(&mut self, reader: &mut dyn Read, size: u64) -> io::Result<FileData> {
+        if size > MAX_FILE_SIZE {
+            return Err(io::Error::other(format!(
+                "file of {size} bytes is larger than the {MAX_FILE_SIZE}-byte limit"
+            )));
+        }
         let chunk_size = u64::from(self.settings.chunk_size);
-        let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size) as usize);
+        // A declared size is not trusted for an allocation up front.
+        let mut chunks = Vec::with_capacity(size.div_ceil(chunk_size).min(1 << 16) as usize);
         let mut buf = std::mem::take(&mut self.buf);
         let mut left = size;
         while left > 0 {

@@ -19,6 +19,7 @@ mod sink;
 mod source_dir;
 mod source_oci;
 mod source_tar;
+pub mod tar;
 
 use std::path::PathBuf;
 use std::time::Instant;

@@ -3,16 +3,15 @@
 
 use std::io::Read;
 
-use darter_format::tree::{Meta, NodeKind, Xattr};
-use tar::EntryType;
+use darter_format::tree::{Meta, NodeKind};
 
 use crate::chunker::Chunker;
 use crate::merge::{MergeTree, split_path};
+use crate::tar::{Entry, EntryHeader, EntryKind, TarError, TarReader};
 use crate::{BuildError, Progress};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
-const PAX_XATTR_PREFIX: &[u8] = b"SCHILY.xattr.";
 
 /// Applies one tar stream as layer `layer`; `layer_name` (its digest) is
 /// used in error messages.
@@ -25,38 +24,42 @@ pub(crate) fn apply_tar(
     progress: &dyn Progress,
 ) -> Result<(), BuildError> {
     tree.begin_layer(layer);
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive
-        .entries()
-        .map_err(|e| BuildError::layer(layer_name, format!("not a tar stream: {e}")))?;
-    for entry in entries {
-        let mut entry =
-            entry.map_err(|e| BuildError::layer(layer_name, format!("bad tar entry: {e}")))?;
-        let path = entry.path_bytes().into_owned();
-        apply_entry(tree, chunker, &mut entry, &path, progress)
-            .map_err(|e| e.with_layer_entry(layer_name, &path))?;
+    let mut archive = TarReader::new(reader);
+    while let Some(mut entry) = archive
+        .next_entry()
+        .map_err(|e| BuildError::layer(layer_name, e.to_string()))?
+    {
+        apply_entry(tree, chunker, &mut entry, progress)
+            .map_err(|e| in_entry(e, layer_name, &entry.header.path))?;
     }
     tree.end_layer();
     Ok(())
 }
 
+/// Adds the layer and entry to an error; an unreadable layer is named
+/// by the tar reader's own message (entry and offset).
+fn in_entry(error: BuildError, layer_name: &str, path: &[u8]) -> BuildError {
+    match error {
+        BuildError::Io { source, .. } if source.get_ref().is_some_and(|e| e.is::<TarError>()) => {
+            BuildError::layer(layer_name, source.to_string())
+        }
+        other => other.with_layer_entry(layer_name, path),
+    }
+}
+
 fn apply_entry(
     tree: &mut MergeTree,
     chunker: &mut Chunker,
-    entry: &mut tar::Entry<'_, &mut dyn Read>,
-    path: &[u8],
+    entry: &mut Entry<'_, &mut dyn Read>,
     progress: &dyn Progress,
 ) -> Result<(), BuildError> {
     let merge = |e| BuildError::merge(e, "");
-    let kind = entry.header().entry_type();
-    if matches!(kind, EntryType::XGlobalHeader) {
-        return Ok(());
-    }
-    let comps = split_path(path).map_err(merge)?;
+    let header = &entry.header;
+    let comps = split_path(&header.path).map_err(merge)?;
     let Some((&name, parents)) = comps.split_last() else {
         // The root itself ("./"): only its metadata can change.
-        if kind.is_dir() {
-            tree.set_root_meta(meta_of(entry)?);
+        if header.kind == EntryKind::Directory {
+            tree.set_root_meta(meta_of(header)?);
         }
         return Ok(());
     };
@@ -67,144 +70,154 @@ fn apply_entry(
     if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
         return tree.whiteout(&parent, hidden).map_err(merge);
     }
-    let meta = meta_of(entry)?;
-    let node = match kind {
-        EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-            let size = entry.size();
+    let meta = meta_of(header)?;
+    let node = match header.kind {
+        EntryKind::File => {
+            let size = header.size;
             let data = chunker
                 .chunk_stream(entry, size)
-                .map_err(|e| BuildError::io("read", path, e))?;
+                .map_err(|e| BuildError::io("read", &entry.header.path, e))?;
             progress.add_bytes(size);
             NodeKind::File(data)
         }
-        EntryType::Directory => NodeKind::Dir(Vec::new()),
-        EntryType::Symlink => NodeKind::Symlink(link_name(entry)?),
-        EntryType::Link => {
-            let target = link_name(entry)?;
-            return tree.link(path, &target).map_err(merge);
+        EntryKind::Directory => NodeKind::Dir(Vec::new()),
+        EntryKind::Symlink => NodeKind::Symlink(link_target(header)?.to_vec()),
+        EntryKind::HardLink => {
+            return tree.link(&header.path, link_target(header)?).map_err(merge);
         }
-        EntryType::Char | EntryType::Block => {
-            let h = entry.header();
-            let major = h.device_major().ok().flatten().unwrap_or(0);
-            let minor = h.device_minor().ok().flatten().unwrap_or(0);
-            if kind == EntryType::Char {
-                NodeKind::CharDev(major, minor)
-            } else {
-                NodeKind::BlockDev(major, minor)
-            }
-        }
-        EntryType::Fifo => NodeKind::Fifo,
-        other => {
-            return Err(BuildError::Unsupported {
-                path: String::new(),
-                detail: format!("tar entry type {other:?}"),
-            });
-        }
+        EntryKind::CharDevice { major, minor } => NodeKind::CharDev(major, minor),
+        EntryKind::BlockDevice { major, minor } => NodeKind::BlockDev(major, minor),
+        EntryKind::Fifo => NodeKind::Fifo,
     };
-    tree.put(path, meta, node).map_err(merge)?;
+    tree.put(&entry.header.path, meta, node).map_err(merge)?;
     progress.add_file();
     Ok(())
 }
 
-fn link_name(entry: &tar::Entry<'_, &mut dyn Read>) -> Result<Vec<u8>, BuildError> {
-    match entry.link_name_bytes() {
-        Some(l) if !l.is_empty() => Ok(l.into_owned()),
-        _ => Err(BuildError::Unsupported {
-            path: String::new(),
-            detail: "link without a target".into(),
-        }),
+fn link_target(header: &EntryHeader) -> Result<&[u8], BuildError> {
+    if header.link.is_empty() {
+        return Err(unsupported("link without a target".into()));
+    }
+    Ok(&header.link)
+}
+
+fn unsupported(detail: String) -> BuildError {
+    BuildError::Unsupported {
+        path: String::new(),
+        detail,
     }
 }
 
-/// Metadata from the header and its PAX records (nanosecond mtime, xattrs).
-fn meta_of(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<Meta, BuildError> {
-    let bad = |what: &str| BuildError::Unsupported {
-        path: String::new(),
-        detail: format!("unreadable {what} in tar header"),
+/// Metadata from the header (nanosecond mtimes and xattrs included).
+fn meta_of(header: &EntryHeader) -> Result<Meta, BuildError> {
+    let id = |what: &str, value: u64| match u32::try_from(value) {
+        Ok(u32::MAX) => Err(unsupported(format!("{what} -1 ({value}) is not an owner"))),
+        Ok(id) => Ok(id),
+        Err(_) => Err(unsupported(format!(
+            "{what} {value} does not fit in 32 bits"
+        ))),
     };
-    let h = entry.header();
-    let mode = h.mode().map_err(|_| bad("mode"))?;
-    let uid = u32::try_from(h.uid().map_err(|_| bad("uid"))?).map_err(|_| bad("uid"))?;
-    let gid = u32::try_from(h.gid().map_err(|_| bad("gid"))?).map_err(|_| bad("gid"))?;
-    if uid == u32::MAX || gid == u32::MAX {
-        return Err(bad("uid/gid (-1)"));
-    }
-    let mut mtime = (h.mtime().map_err(|_| bad("mtime"))?, 0u32);
-    let mut xattrs: Vec<Xattr> = Vec::new();
-    if let Some(pax) = entry.pax_extensions().map_err(|_| bad("PAX record"))? {
-        for ext in pax {
-            let ext = ext.map_err(|_| bad("PAX record"))?;
-            let key = ext.key_bytes();
-            if key == b"mtime" {
-                if let Some(t) = parse_pax_time(ext.value_bytes()) {
-                    mtime = t;
-                }
-            } else if let Some(name) = key.strip_prefix(PAX_XATTR_PREFIX) {
-                if darter_format::erofs::ondisk::xattr_split(name).is_none() {
-                    return Err(BuildError::Unsupported {
-                        path: String::new(),
-                        detail: format!(
-                            "xattr {:?} is in a namespace Darter images cannot hold",
-                            String::from_utf8_lossy(name)
-                        ),
-                    });
-                }
-                xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
-            }
+    for (name, _) in &header.xattrs {
+        if darter_format::erofs::ondisk::xattr_split(name).is_none() {
+            return Err(unsupported(format!(
+                "xattr {:?} is in a namespace Darter images cannot hold",
+                String::from_utf8_lossy(name)
+            )));
         }
     }
-    xattrs.sort();
-    xattrs.dedup_by(|a, b| a.0 == b.0);
-    Ok(Meta {
-        perm: (mode & 0o7777) as u16,
-        uid,
-        gid,
-        mtime: mtime.0,
-        mtime_nsec: mtime.1,
-        xattrs,
-    })
-}
-
-/// Parses a PAX time `SECONDS[.FRACTION]`; negative times become 0.
-fn parse_pax_time(v: &[u8]) -> Option<(u64, u32)> {
-    let s = std::str::from_utf8(v).ok()?;
-    if s.starts_with('-') {
-        return Some((0, 0));
-    }
-    let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
-    let secs = secs.parse().ok()?;
-    let digits: String = frac.chars().take(9).collect();
-    if !digits.chars().all(|c| c.is_ascii_digit()) {
-        return None;
-    }
-    let nsec = if digits.is_empty() {
-        0
-    } else {
-        format!("{digits:0<9}").parse().ok()?
+    // Times before the epoch are stored as the epoch.
+    let (mtime, mtime_nsec) = match u64::try_from(header.mtime.secs) {
+        Ok(secs) => (secs, header.mtime.nsec),
+        Err(_) => (0, 0),
     };
-    Some((secs, nsec))
+    Ok(Meta {
+        perm: (header.mode & 0o7777) as u16,
+        uid: id("uid", header.uid)?,
+        gid: id("gid", header.gid)?,
+        mtime,
+        mtime_nsec,
+        xattrs: header.xattrs.clone(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tar::Timestamp;
+
+    fn header() -> EntryHeader {
+        EntryHeader {
+            path: b"f".to_vec(),
+            mode: 0o104_755,
+            uid: 1000,
+            gid: 100_000,
+            mtime: Timestamp {
+                secs: 1_700_000_000,
+                nsec: 42,
+            },
+            xattrs: vec![(b"user.a".to_vec(), b"\n".to_vec())],
+            ..EntryHeader::default()
+        }
+    }
 
     #[test]
-    fn pax_times() {
-        type Case<'a> = (&'a [u8], Option<(u64, u32)>);
-        let cases: [Case<'_>; 6] = [
-            (b"1700000000", Some((1_700_000_000, 0))),
-            (b"1700000000.5", Some((1_700_000_000, 500_000_000))),
+    fn metadata_from_the_header() {
+        let meta = meta_of(&header()).unwrap();
+        assert_eq!(meta.perm, 0o4755, "file type bits in the mode are dropped");
+        assert_eq!((meta.uid, meta.gid), (1000, 100_000));
+        assert_eq!((meta.mtime, meta.mtime_nsec), (1_700_000_000, 42));
+        assert_eq!(meta.xattrs, header().xattrs);
+
+        let before_the_epoch = EntryHeader {
+            mtime: Timestamp {
+                secs: -2,
+                nsec: 750_000_000,
+            },
+            ..header()
+        };
+        let meta = meta_of(&before_the_epoch).unwrap();
+        assert_eq!((meta.mtime, meta.mtime_nsec), (0, 0));
+    }
+
+    #[test]
+    fn owners_and_xattrs_darter_cannot_hold_are_refused() {
+        let cases = [
             (
-                b"1700000000.123456789123",
-                Some((1_700_000_000, 123_456_789)),
+                "uid -1",
+                EntryHeader {
+                    uid: u64::from(u32::MAX),
+                    ..header()
+                },
+                "uid -1",
             ),
-            (b"-5.2", Some((0, 0))),
-            (b"abc", None),
-            (b"1.x", None),
+            (
+                "gid -1",
+                EntryHeader {
+                    gid: u64::from(u32::MAX),
+                    ..header()
+                },
+                "gid -1",
+            ),
+            (
+                "uid beyond 32 bits",
+                EntryHeader {
+                    uid: 1 << 32,
+                    ..header()
+                },
+                "32 bits",
+            ),
+            (
+                "xattr namespace",
+                EntryHeader {
+                    xattrs: vec![(b"os2.name".to_vec(), b"v".to_vec())],
+                    ..header()
+                },
+                "namespace",
+            ),
         ];
-        for (v, want) in cases {
-            assert_eq!(parse_pax_time(v), want, "{}", String::from_utf8_lossy(v));
+        for (what, header, says) in cases {
+            let err = meta_of(&header).unwrap_err().to_string();
+            assert!(err.contains(says), "{what}: {err}");
         }
     }
 }
