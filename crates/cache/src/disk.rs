@@ -8,6 +8,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use darter_format::Digest;
@@ -15,6 +16,8 @@ use darter_format::Digest;
 /// A cache file's mtime is refreshed on use at most this often (it is the
 /// LRU clock, and touching on every read would cost a syscall per read).
 const TOUCH_INTERVAL: Duration = Duration::from_secs(600);
+/// Niceness of the background cache writer thread.
+const WRITER_NICENESS: i32 = 10;
 /// Temp files older than this belong to dead writers and are removed.
 const STALE_TEMP: Duration = Duration::from_secs(3600);
 
@@ -44,6 +47,14 @@ pub enum CacheError {
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CacheError + 'a {
     move |source| CacheError::Io {
         op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn rename_err(path: &Path, source: io::Error) -> CacheError {
+    CacheError::Io {
+        op: "rename onto",
         path: path.to_owned(),
         source,
     }
@@ -148,18 +159,21 @@ impl CacheDir {
         if path.is_file() {
             return Ok(());
         }
-        let dir = path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         let tmp_dir = self.root.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
             .map_err(io_err("create temp file in", &tmp_dir))?;
         tmp.write_all(data).map_err(io_err("write", tmp.path()))?;
-        tmp.persist(&path).map_err(|e| CacheError::Io {
-            op: "rename onto",
-            path: path.clone(),
-            source: e.error,
-        })?;
-        Ok(())
+        // The fan-out directory usually exists: try the rename first.
+        let tmp = match tmp.persist(&path) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.error.kind() == io::ErrorKind::NotFound => e.file,
+            Err(e) => return Err(rename_err(&path, e.error)),
+        };
+        let dir = path.parent().unwrap_or(&self.root);
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        tmp.persist(&path)
+            .map(drop)
+            .map_err(|e| rename_err(&path, e.error))
     }
 
     /// Bytes used by cached chunks.
@@ -272,45 +286,68 @@ impl CacheDir {
 }
 
 /// Writes verified chunks to a [`CacheDir`] on a background thread, so a
-/// read does not wait for the cache file. When the queue is full the caller
-/// writes itself (bounded memory). Dropping it writes what is queued.
+/// read does not wait for the cache file. When more than the byte budget is
+/// queued the caller writes itself (bounded memory). Dropping it writes
+/// what is queued.
 #[derive(Debug)]
 pub struct CacheWriter {
     cache: CacheDir,
-    queue: Option<std::sync::mpsc::SyncSender<(Digest, std::sync::Arc<Vec<u8>>)>>,
+    queue: Option<std::sync::mpsc::Sender<(Digest, std::sync::Arc<Vec<u8>>)>>,
+    queued: std::sync::Arc<AtomicUsize>,
+    budget: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CacheWriter {
-    /// A writer for `cache` with room for `depth` queued chunks.
-    pub fn spawn(cache: CacheDir, depth: usize) -> Self {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Digest, std::sync::Arc<Vec<u8>>)>(depth);
+    /// A writer for `cache` that queues up to `budget` bytes of chunks.
+    pub fn spawn(cache: CacheDir, budget: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Digest, std::sync::Arc<Vec<u8>>)>();
         let target = cache.clone();
+        let queued = std::sync::Arc::new(AtomicUsize::new(0));
+        let drained = queued.clone();
         let thread = std::thread::Builder::new()
             .name("darter-cache-writer".into())
             .spawn(move || {
+                // Cache writes yield to the reads that wait on the daemon;
+                // failing to lower the priority only costs speed.
+                let _ = rustix::process::setpriority_process(
+                    Some(rustix::thread::gettid()),
+                    WRITER_NICENESS,
+                );
                 for (digest, data) in rx {
                     if let Err(e) = target.put(&digest, &data) {
                         tracing::warn!(error = %e, "cannot write to the disk cache");
                     }
+                    drained.fetch_sub(data.len(), Ordering::Relaxed);
                 }
             })
             .ok();
         CacheWriter {
             cache,
             queue: thread.is_some().then_some(tx),
+            queued,
+            budget,
             thread,
         }
     }
 
     /// Stores a verified chunk, soon.
     pub fn put(&self, digest: Digest, data: std::sync::Arc<Vec<u8>>) {
-        use std::sync::mpsc::TrySendError;
+        let len = data.len();
         let (digest, data) = match &self.queue {
-            Some(queue) => match queue.try_send((digest, data)) {
-                Ok(()) => return,
-                Err(TrySendError::Full(item) | TrySendError::Disconnected(item)) => item,
-            },
+            Some(queue) if self.queued.fetch_add(len, Ordering::Relaxed) + len <= self.budget => {
+                match queue.send((digest, data)) {
+                    Ok(()) => return,
+                    Err(std::sync::mpsc::SendError(item)) => {
+                        self.queued.fetch_sub(len, Ordering::Relaxed);
+                        item
+                    }
+                }
+            }
+            Some(_) => {
+                self.queued.fetch_sub(len, Ordering::Relaxed);
+                (digest, data)
+            }
             None => (digest, data),
         };
         if let Err(e) = self.cache.put(&digest, &data) {

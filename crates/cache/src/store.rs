@@ -98,10 +98,12 @@ impl From<darter_format::erofs::ReadError> for ReadError {
 }
 
 type FrameKey = (usize, u64);
+/// A frame and the fetch in flight for it.
+type Claim = (FrameKey, Arc<Flight>);
 
-/// Chunks waiting for the background cache writer before readers write
-/// their own.
-const CACHE_WRITE_QUEUE: usize = 64;
+/// Bytes of chunks waiting for the background cache writer before readers
+/// write their own.
+const CACHE_WRITE_BUDGET: usize = 8 << 20;
 
 /// Times a range whose bytes fail verification is fetched again.
 const VERIFY_RETRIES: u32 = 2;
@@ -225,7 +227,7 @@ impl<S> std::fmt::Debug for ChunkStore<S> {
     }
 }
 
-impl<S: BlobSource> ChunkStore<S> {
+impl<S: BlobSource + 'static> ChunkStore<S> {
     /// A store for `image`, caching chunks in `disk` if given. `stats`
     /// should be the counters of the image's [`crate::Counted`] source, so
     /// backend traffic is counted where it happens.
@@ -237,7 +239,7 @@ impl<S: BlobSource> ChunkStore<S> {
     ) -> Self {
         let writer = disk
             .clone()
-            .map(|d| CacheWriter::spawn(d, CACHE_WRITE_QUEUE));
+            .map(|d| CacheWriter::spawn(d, CACHE_WRITE_BUDGET));
         let presence = Arc::new(Presence::default());
         if let Some(d) = disk.clone() {
             let presence = presence.clone();
@@ -308,7 +310,7 @@ impl<S: BlobSource> ChunkStore<S> {
     /// Reads up to `len` bytes at `offset` of a regular file. `path` names
     /// the file in log messages.
     pub fn read_file(
-        &self,
+        self: &Arc<Self>,
         inode: &Inode,
         offset: u64,
         len: u64,
@@ -339,7 +341,8 @@ impl<S: BlobSource> ChunkStore<S> {
         if !missing.is_empty() {
             Stats::add(&self.stats.cache_misses, missing.len() as u64);
             let ahead = self.readahead(inode, (end - 1) / cs + 1, end);
-            let fetched = self.fetch_demand(&missing, &ahead)?;
+            self.fetch_behind(&ahead);
+            let fetched = self.fetch_demand(&missing)?;
             for w in &missing {
                 let data = self
                     .take(&fetched, w)
@@ -471,18 +474,36 @@ impl<S: BlobSource> ChunkStore<S> {
         })
     }
 
+    /// Starts fetching a file's chunks past a read on a background thread,
+    /// so the read does not wait for them (on a slow link they would cost
+    /// it their transfer time). The frames are claimed as in flight before
+    /// this returns: the reader who needs one next waits for this fetch.
+    fn fetch_behind(self: &Arc<Self>, ahead: &[Wanted]) {
+        let frames: BTreeSet<FrameKey> = ahead.iter().map(Self::frame_key).collect();
+        let (claimed, _) = self.claim(&frames);
+        if claimed.is_empty() {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("darter-readahead".into())
+            .spawn(move || store.fetch_claimed(claimed, true));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a readahead thread");
+        }
+    }
+
+    fn frame_key(w: &Wanted) -> FrameKey {
+        (w.loc.blob, w.record.compressed_offset)
+    }
+
     /// Fetches for a reader: marks demand so the prefetcher steps aside.
     fn fetch_demand(
         &self,
         missing: &[Wanted],
-        ahead: &[Wanted],
     ) -> Result<HashMap<FrameKey, FrameResult>, ReadError> {
         *self.demand.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        let frames: BTreeSet<FrameKey> = missing
-            .iter()
-            .chain(ahead)
-            .map(|w| (w.loc.blob, w.record.compressed_offset))
-            .collect();
+        let frames: BTreeSet<FrameKey> = missing.iter().map(Self::frame_key).collect();
         let result = self.fetch(&frames, true);
         let mut demand = self.demand.lock().unwrap_or_else(|e| e.into_inner());
         *demand -= 1;
@@ -499,22 +520,40 @@ impl<S: BlobSource> ChunkStore<S> {
         frames: &BTreeSet<FrameKey>,
         keep_in_memory: bool,
     ) -> HashMap<FrameKey, FrameResult> {
+        let (mine, theirs) = self.claim(frames);
+        let mut results = self.fetch_claimed(mine, keep_in_memory);
+        for (key, flight) in theirs {
+            results.insert(key, flight.wait());
+        }
+        results
+    }
+
+    /// Claims the frames nobody is fetching yet as in flight (mine), and
+    /// returns the fetches in flight for the others (theirs).
+    fn claim(&self, frames: &BTreeSet<FrameKey>) -> (Vec<Claim>, Vec<Claim>) {
         let mut mine = Vec::new();
         let mut theirs = Vec::new();
-        {
-            let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
-            for &key in frames {
-                match flights.get(&key) {
-                    Some(f) => theirs.push((key, f.clone())),
-                    None => {
-                        let f = Arc::new(Flight::default());
-                        flights.insert(key, f.clone());
-                        mine.push((key, f));
-                    }
+        let mut flights = self.flights.lock().unwrap_or_else(|e| e.into_inner());
+        for &key in frames {
+            match flights.get(&key) {
+                Some(f) => theirs.push((key, f.clone())),
+                None => {
+                    let f = Arc::new(Flight::default());
+                    flights.insert(key, f.clone());
+                    mine.push((key, f));
                 }
             }
         }
-        let mut results: HashMap<FrameKey, FrameResult> = HashMap::new();
+        (mine, theirs)
+    }
+
+    /// Fetches frames claimed as in flight and settles their flights.
+    fn fetch_claimed(
+        &self,
+        mut mine: Vec<Claim>,
+        keep_in_memory: bool,
+    ) -> HashMap<FrameKey, FrameResult> {
+        let mut results = HashMap::new();
         mine.retain(|(key, flight)| {
             let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner()).take(key);
             let Some(stored) = raw else { return true };
@@ -530,6 +569,11 @@ impl<S: BlobSource> ChunkStore<S> {
         let ranges = self.merge(&mine, keep_in_memory);
         let parallel = self.opts.parallel.max(1);
         for batch in ranges.chunks(parallel) {
+            if let [only] = batch {
+                // One request: no thread to start and join.
+                results.extend(self.fetch_range(only, keep_in_memory));
+                continue;
+            }
             let done: Vec<Vec<(FrameKey, FrameResult)>> = std::thread::scope(|s| {
                 let handles: Vec<_> = batch
                     .iter()
@@ -559,9 +603,6 @@ impl<S: BlobSource> ChunkStore<S> {
                 flights.remove(key);
             }
         }
-        for (key, flight) in theirs {
-            results.insert(key, flight.wait());
-        }
         results
     }
 
@@ -569,7 +610,7 @@ impl<S: BlobSource> ChunkStore<S> {
     /// `merge_gap`, total at most `merge_limit` (a bigger frame goes alone).
     /// On demand reads, each request is then extended over the frames that
     /// follow it in the blob (see [`StoreOptions::blob_readahead`]).
-    fn merge(&self, frames: &[(FrameKey, Arc<Flight>)], readahead: bool) -> Vec<FetchRange> {
+    fn merge(&self, frames: &[Claim], readahead: bool) -> Vec<FetchRange> {
         let mut out: Vec<FetchRange> = Vec::new();
         for ((blob, offset), _) in frames {
             let Ok(table) = self.image.chunk_table(*blob) else {
@@ -804,12 +845,18 @@ impl<S: BlobSource> ChunkStore<S> {
         })?;
         Stats::add(&self.stats.decompressed_bytes, frame.len() as u64);
         let mut chunks = HashMap::new();
-        for index in members {
+        let mut frame = frame;
+        for index in members.clone() {
             let r = table.records()[index];
-            let data = &frame[r.range_in_frame()];
+            // A chunk that is its whole frame takes the buffer: no copy.
+            let whole_frame = members.len() == 1 && r.range_in_frame() == (0..frame.len());
             let digest = table.digest(index);
-            let result = if digest.matches(data) {
-                let data = Arc::new(data.to_vec());
+            let result = if digest.matches(&frame[r.range_in_frame()]) {
+                let data = Arc::new(if whole_frame {
+                    std::mem::take(&mut frame)
+                } else {
+                    frame[r.range_in_frame()].to_vec()
+                });
                 self.store_on_disk(digest, &data);
                 if keep_in_memory {
                     self.memory

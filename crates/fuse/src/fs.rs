@@ -55,7 +55,7 @@ impl<S> std::fmt::Debug for DarterFs<S> {
 /// Block size reported by stat.
 const BLKSIZE: u32 = 4096;
 
-impl<S: BlobSource> DarterFs<S> {
+impl<S: BlobSource + 'static> DarterFs<S> {
     /// A filesystem over `store`'s image.
     pub fn new(store: Arc<ChunkStore<S>>, opts: FsOptions) -> Self {
         let root_nid = store.image().bootstrap().erofs().root_nid();
@@ -432,7 +432,7 @@ fn reply_xattr(reply: ReplyXattr, value: &[u8], size: u32) {
 /// returns true when the reply buffer is full.
 type EntrySink<'a> = dyn FnMut(&DirEntry, u64) -> Result<bool, Errno> + 'a;
 
-impl<S: BlobSource> DarterFs<S> {
+impl<S: BlobSource + 'static> DarterFs<S> {
     fn xattrs(&self, ino: INodeNo) -> Result<Vec<darter_format::tree::Xattr>, Errno> {
         let inode = self.inode(ino)?;
         self.store

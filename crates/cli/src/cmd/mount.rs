@@ -72,6 +72,13 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
 /// Runs the mount as a background process and returns once it serves:
 /// the same command in the foreground, in its own process group (so the
 /// terminal's signals do not reach it), logging to a file.
+/// glibc malloc tuning for the daemon: with a fixed mmap threshold, freed
+/// chunk buffers (128 KiB and more) go back to the kernel at once. By
+/// default glibc raises the threshold after the first such free and keeps
+/// the memory in per-thread arenas: the daemon's peak RSS was 1.6x its live
+/// data after reading every file of the python image.
+const DAEMON_MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=131072";
+
 fn detach(
     args: &MountArgs,
     ctx: &Context,
@@ -86,6 +93,9 @@ fn detach(
         .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the darter executable")?;
     let mut cmd = Command::new(exe);
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        cmd.env("GLIBC_TUNABLES", DAEMON_MALLOC_TUNABLES);
+    }
     cmd.args(ctx.forwarded_flags());
     if let Some((user, _)) = ctx.login() {
         cmd.arg("--username").arg(user).arg("--password-stdin");
