@@ -5,10 +5,12 @@
 //! every read verifies the digest, so a torn or corrupted file is found,
 //! deleted and fetched again instead of being served.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use darter_format::Digest;
@@ -292,19 +294,33 @@ impl CacheDir {
 #[derive(Debug)]
 pub struct CacheWriter {
     cache: CacheDir,
-    queue: Option<std::sync::mpsc::Sender<(Digest, std::sync::Arc<Vec<u8>>)>>,
-    queued: std::sync::Arc<AtomicUsize>,
+    queue: Option<std::sync::mpsc::Sender<Digest>>,
+    /// Chunks queued and not written yet: readers find them here.
+    pending: Arc<Pending>,
     budget: usize,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The chunks a [`CacheWriter`] has queued, and their bytes in all.
+#[derive(Debug, Default)]
+struct Pending {
+    chunks: Mutex<HashMap<Digest, Arc<Vec<u8>>>>,
+    bytes: AtomicUsize,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Vec<u8>>>> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl CacheWriter {
     /// A writer for `cache` that queues up to `budget` bytes of chunks.
     pub fn spawn(cache: CacheDir, budget: usize) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(Digest, std::sync::Arc<Vec<u8>>)>();
+        let (tx, rx) = std::sync::mpsc::channel::<Digest>();
         let target = cache.clone();
-        let queued = std::sync::Arc::new(AtomicUsize::new(0));
-        let drained = queued.clone();
+        let pending = Arc::new(Pending::default());
+        let drained = pending.clone();
         let thread = std::thread::Builder::new()
             .name("darter-cache-writer".into())
             .spawn(move || {
@@ -314,45 +330,64 @@ impl CacheWriter {
                     Some(rustix::thread::gettid()),
                     WRITER_NICENESS,
                 );
-                for (digest, data) in rx {
+                for digest in rx {
+                    let Some(data) = drained.lock().get(&digest).cloned() else {
+                        continue;
+                    };
                     if let Err(e) = target.put(&digest, &data) {
                         tracing::warn!(error = %e, "cannot write to the disk cache");
                     }
-                    drained.fetch_sub(data.len(), Ordering::Relaxed);
+                    drained.lock().remove(&digest);
+                    drained.bytes.fetch_sub(data.len(), Ordering::Relaxed);
                 }
             })
             .ok();
         CacheWriter {
             cache,
             queue: thread.is_some().then_some(tx),
-            queued,
+            pending,
             budget,
             thread,
         }
     }
 
+    /// A chunk queued and not written yet.
+    pub fn pending(&self, digest: &Digest) -> Option<Arc<Vec<u8>>> {
+        self.pending.lock().get(digest).cloned()
+    }
+
     /// Stores a verified chunk, soon.
-    pub fn put(&self, digest: Digest, data: std::sync::Arc<Vec<u8>>) {
-        let len = data.len();
-        let (digest, data) = match &self.queue {
-            Some(queue) if self.queued.fetch_add(len, Ordering::Relaxed) + len <= self.budget => {
-                match queue.send((digest, data)) {
-                    Ok(()) => return,
-                    Err(std::sync::mpsc::SendError(item)) => {
-                        self.queued.fetch_sub(len, Ordering::Relaxed);
-                        item
-                    }
-                }
-            }
-            Some(_) => {
-                self.queued.fetch_sub(len, Ordering::Relaxed);
-                (digest, data)
-            }
-            None => (digest, data),
-        };
-        if let Err(e) = self.cache.put(&digest, &data) {
+    pub fn put(&self, digest: Digest, data: &Arc<Vec<u8>>) {
+        if self.queue_up(digest, data) {
+            return;
+        }
+        if let Err(e) = self.cache.put(&digest, data) {
             tracing::warn!(error = %e, "cannot write to the disk cache");
         }
+    }
+
+    /// Queues a chunk for the writer thread; false if the queue is full
+    /// (or the thread gone) and the caller must write it.
+    fn queue_up(&self, digest: Digest, data: &Arc<Vec<u8>>) -> bool {
+        let Some(queue) = &self.queue else {
+            return false;
+        };
+        let len = data.len();
+        if self.pending.bytes.fetch_add(len, Ordering::Relaxed) + len > self.budget {
+            self.pending.bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        if self.pending.lock().insert(digest, data.clone()).is_some() {
+            // Already queued: its bytes are counted once.
+            self.pending.bytes.fetch_sub(len, Ordering::Relaxed);
+            return true;
+        }
+        if queue.send(digest).is_err() {
+            self.pending.lock().remove(&digest);
+            self.pending.bytes.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 }
 
@@ -409,6 +444,28 @@ mod tests {
             cache.get(&d, data.len()),
             Err(CacheError::Corrupt { .. })
         ));
+    }
+
+    /// Regression: a chunk queued for the background writer and already
+    /// dropped from memory was fetched from the backend again.
+    #[test]
+    fn a_queued_chunk_is_readable_before_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::open(dir.path()).unwrap();
+        let writer = CacheWriter::spawn(cache.clone(), 1 << 20);
+        let chunks: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_le_bytes().repeat(4096)).collect();
+        for data in &chunks {
+            let d = DigestAlgo::Blake3.digest(data);
+            writer.put(d, &Arc::new(data.clone()));
+            let readable = writer.pending(&d).is_some_and(|p| *p == *data)
+                || cache.get(&d, data.len()).unwrap().as_ref() == Some(data);
+            assert!(readable, "chunk {d} is neither queued nor on disk");
+        }
+        drop(writer);
+        for data in &chunks {
+            let d = DigestAlgo::Blake3.digest(data);
+            assert_eq!(cache.get(&d, data.len()).unwrap().as_ref(), Some(data));
+        }
     }
 
     #[test]

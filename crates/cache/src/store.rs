@@ -297,7 +297,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         self.presence.add(digest);
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         match (writer.as_ref(), &self.disk) {
-            (Some(w), _) => w.put(digest, data.clone()),
+            (Some(w), _) => w.put(digest, data),
             (None, Some(disk)) => {
                 if let Err(e) = disk.put(&digest, data) {
                     tracing::warn!(error = %e, "cannot write to the disk cache");
@@ -414,6 +414,16 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         if !self.presence.maybe(&digest) {
             return None;
         }
+        let queued = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|w| w.pending(&digest));
+        if let Some(data) = queued {
+            Stats::add(&self.stats.cache_hits, 1);
+            return Some(data);
+        }
         let disk = self.disk.as_ref()?;
         match disk.get(&digest, w.record.size as usize) {
             Ok(Some(data)) => {
@@ -487,7 +497,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         let store = self.clone();
         let spawned = std::thread::Builder::new()
             .name("darter-readahead".into())
-            .spawn(move || store.fetch_claimed(claimed, true));
+            .spawn(move || store.fetch_claimed(claimed, true, false));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a readahead thread");
         }
@@ -521,7 +531,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         keep_in_memory: bool,
     ) -> HashMap<FrameKey, FrameResult> {
         let (mine, theirs) = self.claim(frames);
-        let mut results = self.fetch_claimed(mine, keep_in_memory);
+        let mut results = self.fetch_claimed(mine, keep_in_memory, keep_in_memory);
         for (key, flight) in theirs {
             results.insert(key, flight.wait());
         }
@@ -548,10 +558,13 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
     }
 
     /// Fetches frames claimed as in flight and settles their flights.
+    /// With `blob_readahead`, requests are extended over the frames that
+    /// follow them in the blob (see [`StoreOptions::blob_readahead`]).
     fn fetch_claimed(
         &self,
         mut mine: Vec<Claim>,
         keep_in_memory: bool,
+        blob_readahead: bool,
     ) -> HashMap<FrameKey, FrameResult> {
         let mut results = HashMap::new();
         mine.retain(|(key, flight)| {
@@ -566,7 +579,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
                 .remove(key);
             false
         });
-        let ranges = self.merge(&mine, keep_in_memory);
+        let ranges = self.merge(&mine, blob_readahead);
         let parallel = self.opts.parallel.max(1);
         for batch in ranges.chunks(parallel) {
             if let [only] = batch {
