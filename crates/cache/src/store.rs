@@ -26,8 +26,8 @@ pub struct StoreOptions {
     /// Largest gap between frames bridged by one request (the gap is
     /// fetched and thrown away; a request costs more than a few KiB).
     pub merge_gap: u64,
-    /// On a miss, also fetch the file's following chunks up to this many
-    /// bytes past the read, in the same requests.
+    /// On a miss in a sequential read, also fetch the file's following
+    /// chunks up to this many bytes past the read (in the background).
     pub readahead: u64,
     /// On a miss, also fetch up to this many compressed bytes of the frames
     /// that follow in the blob (the next files of the same directory, as the
@@ -44,7 +44,7 @@ pub struct StoreOptions {
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
-            memory_bytes: 8 << 20,
+            memory_bytes: 4 << 20,
             merge_limit: 4 << 20,
             merge_gap: 16 << 10,
             readahead: 1 << 20,
@@ -196,6 +196,30 @@ impl Presence {
     }
 }
 
+/// Where the last read of each recently read file ended, to tell
+/// sequential reads (worth reading ahead) from scattered ones (page faults
+/// in a mapped library: reading ahead would fetch bytes nobody reads).
+#[derive(Debug, Default)]
+struct Streams {
+    ends: Mutex<HashMap<u64, u64>>,
+}
+
+/// Files [`Streams`] remembers; it forgets them all when full.
+const STREAMS: usize = 4096;
+
+impl Streams {
+    /// Records a read of `offset..end` of file `nid`; true if it starts the
+    /// file or continues the previous read.
+    fn follows(&self, nid: u64, offset: u64, end: u64) -> bool {
+        let mut ends = self.ends.lock().unwrap_or_else(|e| e.into_inner());
+        if ends.len() >= STREAMS {
+            ends.clear();
+        }
+        let previous = ends.insert(nid, end);
+        offset == 0 || previous == Some(offset)
+    }
+}
+
 /// A chunk to be read: where it is and its record.
 #[derive(Debug, Clone, Copy)]
 struct Wanted {
@@ -212,6 +236,7 @@ pub struct ChunkStore<S> {
     presence: Arc<Presence>,
     raw: Mutex<RawFrames>,
     flights: Mutex<HashMap<FrameKey, Arc<Flight>>>,
+    streams: Streams,
     stats: Arc<Stats>,
     opts: StoreOptions,
     demand: Mutex<usize>,
@@ -253,6 +278,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
             presence,
             raw: Mutex::new(RawFrames::new(opts.raw_bytes)),
             flights: Mutex::new(HashMap::new()),
+            streams: Streams::default(),
             stats,
             opts,
             demand: Mutex::new(0),
@@ -338,10 +364,13 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
                 None => missing.push(w),
             }
         }
+        let sequential = self.streams.follows(inode.nid, offset, end);
         if !missing.is_empty() {
             Stats::add(&self.stats.cache_misses, missing.len() as u64);
-            let ahead = self.readahead(inode, (end - 1) / cs + 1, end);
-            self.fetch_behind(&ahead);
+            if sequential {
+                let ahead = self.readahead(inode, (end - 1) / cs + 1, end);
+                self.fetch_behind(&ahead);
+            }
             let fetched = self.fetch_demand(&missing)?;
             for w in &missing {
                 let data = self
@@ -401,6 +430,31 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
 
     /// Looks in memory, then on disk (verifying; a corrupt file is dropped).
     fn cached(&self, w: &Wanted) -> Option<Arc<Vec<u8>>> {
+        let data = self.lookup(w)?;
+        Stats::add(&self.stats.cache_hits, 1);
+        Some(data)
+    }
+
+    /// Every chunk of a frame, if all are cached by now: a fetch may have
+    /// finished between a reader's look in the cache and its claim.
+    fn cached_frame(&self, (blob, offset): FrameKey) -> Option<FrameResult> {
+        let table = self.image.chunk_table(blob).ok()?;
+        let members = table.frame_at(offset)?;
+        let mut chunks = HashMap::new();
+        for index in members {
+            let record = table.records()[index];
+            let w = Wanted {
+                loc: ChunkLocation { blob, index },
+                record,
+            };
+            chunks.insert(index, Ok(self.lookup(&w)?));
+        }
+        Stats::add(&self.stats.cache_hits, chunks.len() as u64);
+        Some(Ok(Arc::new(chunks)))
+    }
+
+    /// [`Self::cached`] without counting a hit.
+    fn lookup(&self, w: &Wanted) -> Option<Arc<Vec<u8>>> {
         let digest = self.digest(w);
         if let Some(data) = self
             .memory
@@ -408,7 +462,6 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
             .unwrap_or_else(|e| e.into_inner())
             .get(&digest)
         {
-            Stats::add(&self.stats.cache_hits, 1);
             return Some(data);
         }
         if !self.presence.maybe(&digest) {
@@ -420,14 +473,12 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .and_then(|w| w.pending(&digest));
-        if let Some(data) = queued {
-            Stats::add(&self.stats.cache_hits, 1);
-            return Some(data);
+        if queued.is_some() {
+            return queued;
         }
         let disk = self.disk.as_ref()?;
         match disk.get(&digest, w.record.size as usize) {
             Ok(Some(data)) => {
-                Stats::add(&self.stats.cache_hits, 1);
                 let data = Arc::new(data);
                 self.memory
                     .lock()
@@ -567,10 +618,16 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         blob_readahead: bool,
     ) -> HashMap<FrameKey, FrameResult> {
         let mut results = HashMap::new();
+        // Frames cached or read ahead since the claim need no request.
         mine.retain(|(key, flight)| {
-            let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner()).take(key);
-            let Some(stored) = raw else { return true };
-            let r = self.open_frame(key.0, key.1, &stored, keep_in_memory);
+            let r = match self.cached_frame(*key) {
+                Some(r) => r,
+                None => {
+                    let raw = self.raw.lock().unwrap_or_else(|e| e.into_inner()).take(key);
+                    let Some(stored) = raw else { return true };
+                    self.open_frame(key.0, key.1, &stored, keep_in_memory)
+                }
+            };
             results.insert(*key, r.clone());
             flight.finish(r);
             self.flights
