@@ -85,7 +85,7 @@ mod tests {
                 "{input}"
             );
         }
-        for bad in ["oci:", "UPPER/case", "a b"] {
+        for bad in ["oci:", "example.com/UPPER/case", "a b"] {
             assert!(ImageRef::parse(bad).is_err(), "{bad}");
         }
     }
