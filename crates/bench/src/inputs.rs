@@ -27,7 +27,7 @@ pub fn random_file_tree(bytes: u64) -> anyhow::Result<PathBuf> {
     let staging = cache.join(format!(".{name}.building-{}", std::process::id()));
     std::fs::create_dir(&staging).with_context(|| format!("creating {}", staging.display()))?;
     tracing::info!(path = %entry.display(), bytes, "writing a random file (cached afterwards)");
-    let written = write_random(&staging.join(RANDOM_FILE), bytes)
+    let written = write_random(&staging.join(RANDOM_FILE), bytes, bytes)
         .and_then(|()| std::fs::rename(&staging, &entry).context("publishing the random tree"));
     if written.is_err() {
         let _ = std::fs::remove_dir_all(&staging);
@@ -39,8 +39,10 @@ pub fn random_file_tree(bytes: u64) -> anyhow::Result<PathBuf> {
     written.map(|()| entry)
 }
 
-fn write_random(path: &Path, bytes: u64) -> anyhow::Result<()> {
-    let mut rng = fastrand::Rng::with_seed(bytes);
+/// Writes `bytes` pseudo-random bytes (the same for the same `seed`) to a
+/// new file at `path`.
+pub fn write_random(path: &Path, bytes: u64, seed: u64) -> anyhow::Result<()> {
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut buffer = vec![0u8; WRITE_CHUNK];
@@ -156,8 +158,8 @@ mod tests {
     fn random_bytes_are_deterministic_and_incompressible() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-        write_random(&a, (1 << 20) + 17).unwrap();
-        write_random(&b, (1 << 20) + 17).unwrap();
+        write_random(&a, (1 << 20) + 17, 7).unwrap();
+        write_random(&b, (1 << 20) + 17, 7).unwrap();
         let bytes = std::fs::read(&a).unwrap();
         assert_eq!(bytes.len(), (1 << 20) + 17);
         assert_eq!(bytes, std::fs::read(&b).unwrap());

@@ -19,14 +19,17 @@
 #![forbid(unsafe_code)]
 
 mod chart;
+mod containerd;
 mod inputs;
 mod machine;
 mod model;
 mod mount;
+mod netbed;
 mod opened;
 mod report;
 mod scenario;
 mod scenarios;
+mod testbed;
 mod tools;
 mod walk;
 
@@ -97,7 +100,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let selected = select(available, &cli.scenarios)?;
+    let mut selected = select(available, &cli.scenarios)?;
+    if cli.quick && cli.scenarios.iter().any(|n| n == "all") {
+        selected.retain(|s| s.in_quick_runs());
+    }
     if !rustix::process::geteuid().is_root() {
         bail!("run as root: the benchmarks mount filesystems, chroot and drop caches");
     }
@@ -240,6 +246,7 @@ fn install_signal_cleanup(run_dir: &Path) -> anyhow::Result<()> {
         if let Some(signal) = signals.forever().next() {
             eprintln!("darter-bench: signal {signal}: unmounting and exiting");
             mount::unmount_all_under(&run_dir);
+            netbed::remove_own_namespaces();
             let _ = std::fs::remove_dir_all(&run_dir);
             std::process::exit(128 + signal);
         }

@@ -24,6 +24,11 @@ pub trait Scenario {
     fn title(&self) -> &'static str;
     /// Runs the scenario.
     fn run(&self, bench: &mut Bench) -> anyhow::Result<ScenarioReport>;
+    /// Whether `--quick all` runs it (not when its input alone takes
+    /// longer than a quick run should).
+    fn in_quick_runs(&self) -> bool {
+        true
+    }
 }
 
 /// How big the run is.

@@ -16,9 +16,10 @@ use std::path::Path;
 use std::process::Command;
 
 use common::darter;
-use darter_testkit::process::{free_port, run};
+use darter_testkit::process::{free_port, wait_until};
 use mount_common::{
-    BuiltImage, Mounted, Work, api_socket, assert_mount_matches, is_mounted, noise_files,
+    BuiltImage, DAEMON_TIMEOUT, Mounted, Work, api_socket, assert_mount_matches, is_mounted,
+    noise_files,
 };
 use rustix::process::Signal;
 
@@ -51,13 +52,24 @@ type Stop = (&'static str, fn(&Mounted));
 const STOPS: &[Stop] = &[
     ("SIGINT", |m| m.signal(Signal::INT)),
     ("SIGTERM", |m| m.signal(Signal::TERM)),
-    ("umount", |m| {
-        run(Command::new("umount").arg(m.path()));
-    }),
+    ("umount", |m| unmount_with(&["umount"], m)),
     ("fusermount3 -u", |m| {
-        run(Command::new("fusermount3").arg("-u").arg(m.path()));
+        unmount_with(&["fusermount3", "-u"], m)
     }),
 ];
+
+/// Runs an unmount command until it works, as a user would: the kernel
+/// refuses it (EBUSY) while requests for files already closed (read-ahead)
+/// are still being answered.
+fn unmount_with(command: &[&str], mount: &Mounted) {
+    wait_until(DAEMON_TIMEOUT, &format!("{command:?} to unmount"), || {
+        Command::new(command[0])
+            .args(&command[1..])
+            .arg(mount.path())
+            .output()
+            .is_ok_and(|out| out.status.success())
+    });
+}
 
 #[test]
 fn a_foreground_mount_stops_cleanly_on_signals_and_unmounts() {

@@ -4,7 +4,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StoreOptions};
 use darter_fuse::{DarterFs, FsOptions, prepare_mountpoint};
@@ -138,7 +138,8 @@ pub fn mount<S: BlobSource + 'static>(
         let listener = TcpListener::bind(addr).map_err(io("listen on", &addr))?;
         spawn_metrics(listener, report);
     }
-    spawn_signal_handler(unmounter)?;
+    spawn_signal_handler(unmounter, mountpoint.to_owned())?;
+    fetch_chunk_tables(&store);
     let prefetch = opts.prefetch_all.then(|| {
         let store = store.clone();
         std::thread::spawn(move || store.prefetch_all())
@@ -212,7 +213,10 @@ fn spawn_metrics(listener: TcpListener, report: Reporter) {
 }
 
 /// SIGINT and SIGTERM unmount, which ends the session loop cleanly.
-fn spawn_signal_handler(unmounter: Arc<Mutex<fuser::SessionUnmounter>>) -> Result<(), DaemonError> {
+fn spawn_signal_handler(
+    unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
+    mountpoint: PathBuf,
+) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
         DaemonError::Io {
@@ -224,14 +228,63 @@ fn spawn_signal_handler(unmounter: Arc<Mutex<fuser::SessionUnmounter>>) -> Resul
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "unmounting on signal");
-            if let Err(e) = unmounter
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .unmount()
-            {
-                tracing::error!(error = %e, "unmount failed");
-            }
+            unmount_when_idle(&unmounter, &mountpoint);
         }
     });
     Ok(())
+}
+
+/// How long an unmount on a signal waits for the mount to be idle.
+const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(5);
+const UNMOUNT_RETRY: Duration = Duration::from_millis(20);
+
+/// Unmounts, retrying while the kernel says the mount is busy (requests
+/// still in flight for files already closed make it so for a moment);
+/// past [`UNMOUNT_BUSY_WAIT`] detaches it lazily, so the daemon still
+/// ends once the last user lets go.
+fn unmount_when_idle(unmounter: &Mutex<fuser::SessionUnmounter>, mountpoint: &Path) {
+    let deadline = Instant::now() + UNMOUNT_BUSY_WAIT;
+    loop {
+        let result = unmounter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unmount();
+        match result {
+            Ok(()) => return,
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(UNMOUNT_RETRY);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "unmount failed; detaching the mount lazily");
+                if let Err(e) =
+                    rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
+                {
+                    tracing::error!(error = %e, "lazy unmount failed");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Fetches every blob's chunk table in the background, so the first read
+/// of each blob does not wait for it (a reader that needs a table first
+/// waits for this fetch instead of making its own).
+fn fetch_chunk_tables<S: BlobSource + 'static>(store: &Arc<ChunkStore<S>>) {
+    let store = store.clone();
+    let spawned = std::thread::Builder::new()
+        .name("darter-tables".into())
+        .spawn(move || {
+            for blob in 0..store.image().blobs().len() {
+                if let Err(e) = store.image().chunk_table(blob) {
+                    tracing::warn!(blob, error = %e, "cannot fetch a chunk table");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start fetching the chunk tables");
+    }
 }

@@ -4,8 +4,11 @@
 //! an in-process [`TokenService`] whose tokens the registry trusts.
 //!
 //! [`TestRegistry`] waits until `/v2/` answers and kills the registry and
-//! removes its files on drop.
+//! removes its files on drop. [`TestRegistry::start_placed`] runs it
+//! elsewhere (e.g. inside a network namespace, behind a command prefix
+//! such as `nsenter --net=...`) at a given address.
 
+use std::ffi::OsString;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -44,6 +47,39 @@ pub enum RegistryAuth {
     Token(TokenConfig),
 }
 
+/// Where and how a [`TestRegistry`] runs when not on a free loopback port
+/// of the caller's own network namespace.
+pub struct RegistryPlacement {
+    /// Prepended to the registry's command line, e.g.
+    /// `["nsenter", "--net=/run/netns/NAME"]`. It must exec the registry
+    /// (not fork it), so that killing the child kills the registry.
+    pub command_prefix: Vec<OsString>,
+    /// The address to listen on (it must be free where the registry runs).
+    pub addr: SocketAddr,
+    /// The directory to create the registry's temporary directory in
+    /// (`None`: the system's temp directory).
+    pub parent_dir: Option<PathBuf>,
+    /// Whether the registry answers at `addr` yet, e.g. [`answers_http`]
+    /// called from inside the registry's network namespace.
+    pub probe: Box<dyn Fn(SocketAddr) -> bool>,
+}
+
+impl std::fmt::Debug for RegistryPlacement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryPlacement")
+            .field("command_prefix", &self.command_prefix)
+            .field("addr", &self.addr)
+            .field("parent_dir", &self.parent_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to start the registry process and tell that it serves.
+struct Launch<'a> {
+    command_prefix: &'a [OsString],
+    probe: &'a dyn Fn(SocketAddr) -> bool,
+}
+
 /// A running registry; killed and cleaned up on drop.
 #[derive(Debug)]
 pub struct TestRegistry {
@@ -62,19 +98,15 @@ impl TestRegistry {
     /// A registry with the given authentication. Panics (failing the test)
     /// if the registry binary is missing or does not come up.
     pub fn start_with(auth: &RegistryAuth) -> TestRegistry {
-        let dir = tempfile::Builder::new()
-            .prefix("darter-registry-")
-            .tempdir()
-            .expect("registry temp dir");
-        let token_service = match auth {
-            RegistryAuth::Token(config) => Some(TokenService::start(config.clone())),
-            _ => None,
+        let (dir, token_service, auth_yaml) = prepare(auth, None);
+        let launch = Launch {
+            command_prefix: &[],
+            probe: &answers_http,
         };
-        let auth_yaml = auth_section(auth, dir.path(), token_service.as_ref());
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
             let addr = free_loopback_addr();
-            match spawn_registry(dir.path(), addr, &auth_yaml) {
+            match spawn_registry(dir.path(), addr, &auth_yaml, &launch) {
                 Ok(child) => {
                     return TestRegistry {
                         child,
@@ -90,6 +122,25 @@ impl TestRegistry {
             }
         }
         panic!("docker-registry found no free port:\n{last_log}");
+    }
+
+    /// A registry started as `placement` says. Panics (failing the test)
+    /// if it does not come up.
+    pub fn start_placed(auth: &RegistryAuth, placement: &RegistryPlacement) -> TestRegistry {
+        let (dir, token_service, auth_yaml) = prepare(auth, placement.parent_dir.as_deref());
+        let launch = Launch {
+            command_prefix: &placement.command_prefix,
+            probe: &placement.probe,
+        };
+        match spawn_registry(dir.path(), placement.addr, &auth_yaml, &launch) {
+            Ok(child) => TestRegistry {
+                child,
+                addr: placement.addr,
+                dir,
+                token_service,
+            },
+            Err(log) => panic!("docker-registry did not start at {placement:?}:\n{log}"),
+        }
     }
 
     /// The listening address.
@@ -125,6 +176,27 @@ impl Drop for TestRegistry {
     }
 }
 
+/// The registry's directory (in `parent`, or the temp directory), its token
+/// service, and the `auth` section of its config.
+fn prepare(
+    auth: &RegistryAuth,
+    parent: Option<&Path>,
+) -> (tempfile::TempDir, Option<TokenService>, String) {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("darter-registry-");
+    let dir = match parent {
+        Some(parent) => builder.tempdir_in(parent),
+        None => builder.tempdir(),
+    }
+    .expect("registry temp dir");
+    let token_service = match auth {
+        RegistryAuth::Token(config) => Some(TokenService::start(config.clone())),
+        _ => None,
+    };
+    let auth_yaml = auth_section(auth, dir.path(), token_service.as_ref());
+    (dir, token_service, auth_yaml)
+}
+
 fn free_loopback_addr() -> SocketAddr {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
     probe.local_addr().expect("probe address")
@@ -132,7 +204,12 @@ fn free_loopback_addr() -> SocketAddr {
 
 /// Writes the config, starts the registry and waits until `/v2/` answers.
 /// On failure returns the registry's log.
-fn spawn_registry(dir: &Path, addr: SocketAddr, auth_yaml: &str) -> Result<Child, String> {
+fn spawn_registry(
+    dir: &Path,
+    addr: SocketAddr,
+    auth_yaml: &str,
+    launch: &Launch<'_>,
+) -> Result<Child, String> {
     let config = dir.join("config.yml");
     let log_path = dir.join(format!("registry-{}.log", addr.port()));
     let yaml = format!(
@@ -147,7 +224,15 @@ fn spawn_registry(dir: &Path, addr: SocketAddr, auth_yaml: &str) -> Result<Child
     std::fs::write(&config, yaml).expect("write registry config");
     let log = std::fs::File::create(&log_path).expect("create registry log");
     let log_err = log.try_clone().expect("clone registry log handle");
-    let mut child = Command::new(REGISTRY_BINARY)
+    let mut command = match launch.command_prefix.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(REGISTRY_BINARY);
+            command
+        }
+        None => Command::new(REGISTRY_BINARY),
+    };
+    let mut child = command
         .arg("serve")
         .arg(&config)
         .stdin(Stdio::null())
@@ -163,7 +248,7 @@ fn spawn_registry(dir: &Path, addr: SocketAddr, auth_yaml: &str) -> Result<Child
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("exited with {status}:\n{}", read_log()));
         }
-        if answers_http(addr) {
+        if (launch.probe)(addr) {
             return Ok(child);
         }
         if Instant::now() > deadline {
@@ -179,7 +264,7 @@ fn spawn_registry(dir: &Path, addr: SocketAddr, auth_yaml: &str) -> Result<Child
 }
 
 /// True once something at `addr` answers `GET /v2/` with an HTTP status line.
-fn answers_http(addr: SocketAddr) -> bool {
+pub fn answers_http(addr: SocketAddr) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
         return false;
     };
@@ -529,6 +614,37 @@ mod tests {
         drop(registry);
         assert!(!dir.exists());
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn placed_registry_runs_behind_the_prefix_in_the_given_directory() {
+        let parent = tempfile::tempdir().unwrap();
+        let probes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = probes.clone();
+        let placement = RegistryPlacement {
+            // `env NAME=VALUE PROGRAM` execs PROGRAM: the registry is the child.
+            command_prefix: vec!["env".into(), "DARTER_PLACED=1".into()],
+            addr: free_loopback_addr(),
+            parent_dir: Some(parent.path().to_path_buf()),
+            probe: Box::new(move |addr| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                answers_http(addr)
+            }),
+        };
+        let registry = TestRegistry::start_placed(&RegistryAuth::Anonymous, &placement);
+        assert_eq!(registry.addr(), placement.addr);
+        assert!(registry.storage_dir().starts_with(parent.path()));
+        assert!(probes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        assert_eq!(get_status(registry.addr(), "/v2/", None), 200);
+        let environ = std::fs::read(format!("/proc/{}/environ", registry.child.id())).unwrap();
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == b"DARTER_PLACED=1"),
+            "the registry did not run behind the prefix"
+        );
+        let addr = registry.addr();
+        drop(registry);
+        assert!(TcpStream::connect(addr).is_err());
+        assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
     }
 
     #[test]
