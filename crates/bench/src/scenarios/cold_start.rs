@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use crate::containerd::{Containerd, Rootfs};
 use crate::model::{
-    Aim, Bar, Chart, ChartKind, Samples, ScenarioReport, Table, Unit, Verdict, show_samples,
+    Aim, Bar, Chart, ChartKind, DaemonPeak, Samples, ScenarioReport, Table, Unit, Verdict,
+    show_samples,
 };
 use crate::mount::MountStats;
 use crate::netbed::LinkRate;
@@ -19,6 +20,7 @@ use crate::testbed::{
     ClientMount, ImageScenario, LargeImageAims, OpenedWeight, Overlay, Testbed, opened_weight,
     seconds,
 };
+use crate::tools;
 
 /// Darter's time to first output may be this many times the floor.
 const FLOOR_AIM_RATIO: f64 = 1.5;
@@ -45,6 +47,8 @@ struct Round {
     wire_bytes: u64,
     /// Darter only: its counters right after mounting, and at the end.
     darter: Option<(MountStats, MountStats)>,
+    /// Darter only: the daemon's peak resident memory (VmHWM) at the end.
+    daemon_peak_rss: u64,
 }
 
 /// The rounds at one link rate.
@@ -122,6 +126,7 @@ fn containerd_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
         warm_run: seconds(again, warm),
         wire_bytes,
         darter: None,
+        daemon_peak_rss: 0,
     })
 }
 
@@ -148,6 +153,7 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let wire_bytes = tb.bed.registry_tx_bytes()? - sent_before;
     let again = Instant::now();
     let warm = image.start(&containerd, Rootfs::Dir(overlay.path()))?;
+    let daemon_peak_rss = tools::peak_rss(at_end.pid)?;
     let phases = vec![
         ("darter mount -d", seconds(started, mounted)),
         ("overlay mount", seconds(resumed, overlaid)),
@@ -164,6 +170,7 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
         warm_run: seconds(again, warm),
         wire_bytes,
         darter: Some((at_mount, at_end)),
+        daemon_peak_rss,
     })
 }
 
@@ -249,6 +256,11 @@ fn report(
          of the same container. The link has no added latency (this kernel has no netem); \
          the TBF queue holds up to 50 ms."
     ));
+    let all_darter: Vec<Round> = results.iter().flat_map(|a| a.darter.clone()).collect();
+    r.daemon_peaks.push(DaemonPeak {
+        operation: format!("cold start of `{}`, both link rates", image.command_line()),
+        vm_hwm: samples(&all_darter, |r| r.daemon_peak_rss as f64),
+    });
     r.tables.push(time_table(results));
     r.tables.push(bytes_table(results, testbed));
     r.tables.push(breakdown_table(results));
@@ -581,6 +593,7 @@ mod tests {
             warm_run: 0.1,
             wire_bytes: 0,
             darter: fetched.map(|b| (stats(0), stats(b))),
+            daemon_peak_rss: 0,
         }
     }
 
