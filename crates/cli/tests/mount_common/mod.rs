@@ -112,13 +112,7 @@ impl BuiltImage {
     /// and, for each blob, its chunk table and trailer (everything after
     /// the frames).
     pub fn metadata_bytes(&self) -> u64 {
-        let tables: u64 = self.inspect["blobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| num(b, "/size") - num(b, "/data_bytes"))
-            .sum();
-        num(&self.inspect, "/bootstrap_bytes") + tables
+        metadata_bytes(&self.inspect)
     }
 
     /// Compressed bytes of all frames (what `image_bytes` reports).
@@ -539,6 +533,18 @@ pub fn locate_chunk(image: &BuiltImage, chunk: &[u8]) -> StoredChunk {
         hex::encode(want),
         image.reference
     );
+}
+
+/// The bootstrap and every chunk table (with its trailer) of the image
+/// `darter inspect --json` described.
+pub fn metadata_bytes(inspect: &Value) -> u64 {
+    let tables: u64 = inspect["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| num(b, "/size") - num(b, "/data_bytes"))
+        .sum();
+    num(inspect, "/bootstrap_bytes") + tables
 }
 
 /// The cache file of chunk `chunk` (an image built with `--digest sha256`).
