@@ -81,13 +81,7 @@ fn debian_python_image_converted_in_a_registry_runs_from_a_lazy_mount_of_it() {
 
     let stats = mount.stats();
     assert_eq!(stats.verify_failures, 0, "{stats:?}");
-    let tables: u64 = inspect["blobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| num(b, "/size") - num(b, "/data_bytes"))
-        .sum();
-    let whole_image = num(&inspect, "/bootstrap_bytes") + tables + num(&inspect, "/stored_bytes");
+    let whole_image = metadata_bytes(&inspect) + num(&inspect, "/stored_bytes");
     assert!(
         stats.backend_bytes <= whole_image,
         "reading everything fetched {} bytes, more than the {whole_image} of the image: {stats:?}",

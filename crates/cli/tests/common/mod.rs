@@ -42,6 +42,16 @@ impl fmt::Debug for Outcome {
 }
 
 impl Outcome {
+    /// What the command `command` (as shown in messages) left in `out`.
+    pub fn new(command: String, out: &std::process::Output) -> Self {
+        Outcome {
+            command,
+            status: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
     /// Asserts success (status 0); returns self for reading the output.
     #[track_caller]
     pub fn ok(self) -> Self {
@@ -126,12 +136,7 @@ where
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("cannot run {command}: {e}"));
-    Outcome {
-        command,
-        status: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Outcome::new(command, &out)
 }
 
 /// `oci:LAYOUT:TAG`.

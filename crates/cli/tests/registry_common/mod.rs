@@ -161,12 +161,7 @@ pub fn run(mut cmd: Command, stdin: Option<&str>) -> Outcome {
         pipe.write_all(text.as_bytes()).unwrap();
     }
     let out = child.wait_with_output().unwrap();
-    Outcome {
-        command,
-        status: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Outcome::new(command, &out)
 }
 
 /// `docker://HOST/PATH` (PATH is `repo[:tag]` or `repo@digest`).
