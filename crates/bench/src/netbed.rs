@@ -265,6 +265,11 @@ impl NetBed {
         pids_in(&self.client_ns.name)
     }
 
+    /// Requests the registry has answered so far (its access log).
+    pub fn registry_requests(&self) -> u64 {
+        self.registry.requests_served()
+    }
+
     /// Bytes the registry's end of the link has sent so far (the kernel's
     /// counter, Ethernet framing included).
     pub fn registry_tx_bytes(&self) -> anyhow::Result<u64> {

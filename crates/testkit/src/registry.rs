@@ -163,6 +163,15 @@ impl TestRegistry {
         self.dir.path().join("storage")
     }
 
+    /// How many requests for `/v2/...` the registry has answered so far,
+    /// counted in its access log. The log line is written once the answer
+    /// is sent, so a count taken right after a client saw its last answer
+    /// may still miss that one request.
+    pub fn requests_served(&self) -> u64 {
+        let log = std::fs::read_to_string(log_path(self.dir.path(), self.addr)).unwrap_or_default();
+        log.lines().filter(|line| is_api_request(line)).count() as u64
+    }
+
     /// The token service, for registries started with [`RegistryAuth::Token`].
     pub fn token_service(&self) -> Option<&TokenService> {
         self.token_service.as_ref()
@@ -202,6 +211,21 @@ fn free_loopback_addr() -> SocketAddr {
     probe.local_addr().expect("probe address")
 }
 
+/// Whether an access log line (combined log format) records a request for
+/// the registry API: `... [time] "METHOD /v2/... HTTP/1.1" status ...`.
+fn is_api_request(line: &str) -> bool {
+    line.split_once("] \"")
+        .and_then(|(_, request)| request.split_once(' '))
+        .is_some_and(|(method, path)| {
+            method.chars().all(|c| c.is_ascii_uppercase()) && path.starts_with("/v2/")
+        })
+}
+
+/// Where the registry at `addr` with its data in `dir` logs.
+fn log_path(dir: &Path, addr: SocketAddr) -> PathBuf {
+    dir.join(format!("registry-{}.log", addr.port()))
+}
+
 /// Writes the config, starts the registry and waits until `/v2/` answers.
 /// On failure returns the registry's log.
 fn spawn_registry(
@@ -211,10 +235,12 @@ fn spawn_registry(
     launch: &Launch<'_>,
 ) -> Result<Child, String> {
     let config = dir.join("config.yml");
-    let log_path = dir.join(format!("registry-{}.log", addr.port()));
+    let log_path = log_path(dir, addr);
+    // The access log (one line per request, on stdout) is what
+    // `requests_served` counts.
     let yaml = format!(
         "version: 0.1\n\
-         log: {{level: warn, accesslog: {{disabled: true}}}}\n\
+         log: {{level: warn}}\n\
          storage:\n  filesystem: {{rootdirectory: {storage}}}\n  delete: {{enabled: true}}\n  \
          maintenance: {{uploadpurging: {{enabled: false}}}}\n\
          http: {{addr: \"{addr}\", secret: darter-test-secret}}\n\
@@ -614,6 +640,45 @@ mod tests {
         drop(registry);
         assert!(!dir.exists());
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn requests_served_counts_api_requests_from_the_access_log() {
+        let registry = TestRegistry::start();
+        let before = registry.requests_served();
+        assert_eq!(get_status(registry.addr(), "/v2/", None), 200);
+        assert_eq!(get_status(registry.addr(), "/v2/a/manifests/b", None), 404);
+        assert_eq!(get_status(registry.addr(), "/not-the-api", None), 404);
+        crate::process::wait_until(
+            Duration::from_secs(10),
+            "the access log to record two API requests",
+            || registry.requests_served() == before + 2,
+        );
+    }
+
+    #[test]
+    fn access_log_lines_are_told_from_other_log_lines() {
+        for (line, api) in [
+            (
+                r#"127.0.0.1 - - [28/Nov/2026:14:11:22 +0000] "GET /v2/ HTTP/1.1" 200 2 "" "curl""#,
+                true,
+            ),
+            (
+                r#"10.0.0.2 - - [28/Nov/2026:14:11:22 +0000] "HEAD /v2/x/blobs/sha256:00 HTTP/1.1" 404 157 "" "c""#,
+                true,
+            ),
+            (
+                r#"10.0.0.2 - - [28/Nov/2026:14:11:22 +0000] "GET /debug HTTP/1.1" 404 1 "" "c""#,
+                false,
+            ),
+            (
+                r#"time="2026" level=error msg="response completed" http.request.uri="/v2/x""#,
+                false,
+            ),
+            ("", false),
+        ] {
+            assert_eq!(is_api_request(line), api, "{line}");
+        }
     }
 
     #[test]

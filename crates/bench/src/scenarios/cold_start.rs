@@ -45,6 +45,9 @@ struct Round {
     warm_run: f64,
     /// What the registry's end of the link sent.
     wire_bytes: u64,
+    /// Requests the registry answered (its access log), the warm run's
+    /// included: it needs none.
+    registry_requests: u64,
     /// Darter only: its counters right after mounting, and at the end.
     darter: Option<(MountStats, MountStats)>,
     /// Darter only: the daemon's peak resident memory (VmHWM) at the end.
@@ -104,6 +107,7 @@ fn containerd_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let containerd = Containerd::start(&tb.bed, scratch.path())?;
     let image = tb.image;
     let sent_before = tb.bed.registry_tx_bytes()?;
+    let requests_before = tb.bed.registry_requests();
     let started = Instant::now();
     containerd.fetch(&tb.oci_ref)?;
     let fetched = Instant::now();
@@ -113,6 +117,7 @@ fn containerd_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let wire_bytes = tb.bed.registry_tx_bytes()? - sent_before;
     let again = Instant::now();
     let warm = image.start(&containerd, Rootfs::Image(&tb.oci_ref))?;
+    let registry_requests = tb.bed.registry_requests() - requests_before;
     Ok(Round {
         first_output: seconds(started, first),
         phases: vec![
@@ -125,6 +130,7 @@ fn containerd_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
         ],
         warm_run: seconds(again, warm),
         wire_bytes,
+        registry_requests,
         darter: None,
         daemon_peak_rss: 0,
     })
@@ -141,6 +147,7 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let overlay_dir = bench.fresh_dir(&scratch, "overlay")?;
     let image = tb.image;
     let sent_before = tb.bed.registry_tx_bytes()?;
+    let requests_before = tb.bed.registry_requests();
     let started = Instant::now();
     let mount = ClientMount::mount(&tb.bed, &bench.darter, &tb.darter_ref, &mountpoint, &cache)?;
     let mounted = Instant::now();
@@ -153,6 +160,7 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let wire_bytes = tb.bed.registry_tx_bytes()? - sent_before;
     let again = Instant::now();
     let warm = image.start(&containerd, Rootfs::Dir(overlay.path()))?;
+    let registry_requests = tb.bed.registry_requests() - requests_before;
     let daemon_peak_rss = tools::peak_rss(at_end.pid)?;
     let phases = vec![
         ("darter mount -d", seconds(started, mounted)),
@@ -169,6 +177,7 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
         phases,
         warm_run: seconds(again, warm),
         wire_bytes,
+        registry_requests,
         darter: Some((at_mount, at_end)),
         daemon_peak_rss,
     })
@@ -248,7 +257,9 @@ fn report(
     ));
     r.method.push(format!(
         "Bytes: the registry's veth tx counter (Ethernet, IP, TCP and HTTP overhead included) \
-         and Darter's own `backend_bytes`/`backend_requests`. Floor: the bytes Darter fetched \
+         and Darter's own `backend_bytes`/`backend_requests` (blob reads only). Requests: \
+         every `/v2/` request in the registry's access log during the round (pings, tokens, \
+         manifests, blobs), the same count for both sides. Floor: the bytes Darter fetched \
          at the link rate, plus {METADATA_ROUND_TRIPS} round trips (manifest, bootstrap, \
          chunk table: they cannot overlap) of a TCP connect between the namespaces; the aim is \
          checked against it. The floor does not include starting the container, which no \
@@ -425,7 +436,9 @@ fn bytes_table(results: &[AtRate], testbed: &Testbed) -> Table {
             "containerd (wire)",
             "Darter (wire)",
             "Darter fetched (its counter)",
+            "containerd requests",
             "Darter requests",
+            "Darter blob reads (its counter)",
             "fetched / Darter image",
         ],
     );
@@ -438,6 +451,14 @@ fn bytes_table(results: &[AtRate], testbed: &Testbed) -> Table {
             show_samples(Unit::Bytes, &samples(&a.baseline, |r| r.wire_bytes as f64)),
             show_samples(Unit::Bytes, &samples(&a.darter, |r| r.wire_bytes as f64)),
             show_samples(Unit::Bytes, &fetched),
+            show_samples(
+                Unit::Count,
+                &samples(&a.baseline, |r| r.registry_requests as f64),
+            ),
+            show_samples(
+                Unit::Count,
+                &samples(&a.darter, |r| r.registry_requests as f64),
+            ),
             show_samples(Unit::Count, &requests),
             format!(
                 "{:.1}%",
@@ -592,6 +613,7 @@ mod tests {
             phases: vec![("all", first_output)],
             warm_run: 0.1,
             wire_bytes: 0,
+            registry_requests: 0,
             darter: fetched.map(|b| (stats(0), stats(b))),
             daemon_peak_rss: 0,
         }
