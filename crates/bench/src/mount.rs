@@ -165,6 +165,15 @@ impl DarterMount {
         tools::process_cpu(self.daemon_pid)
     }
 
+    /// Waits until the daemon has finished its background work (cache
+    /// writes, read-ahead) and the kernel has written back what it wrote:
+    /// the state a warm read meets in use, a moment after the cold one.
+    pub fn settle(&self) -> anyhow::Result<()> {
+        tools::wait_idle(self.daemon_pid)?;
+        tools::write_back();
+        Ok(())
+    }
+
     /// Unmounts and waits for the daemon to exit.
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.unmounted = true;

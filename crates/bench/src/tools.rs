@@ -138,10 +138,39 @@ pub fn shell(script: &str, args: &[&OsStr]) -> Command {
     cmd
 }
 
+/// How long a process's CPU time must stay unchanged to count as idle
+/// (the kernel accounts CPU time in ticks of 10 ms).
+const IDLE_WINDOW: Duration = Duration::from_millis(100);
+/// How long [`wait_idle`] waits at most.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits until process `pid` uses no CPU for [`IDLE_WINDOW`].
+pub fn wait_idle(pid: u32) -> anyhow::Result<()> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    let mut last = process_cpu(pid)?;
+    loop {
+        std::thread::sleep(IDLE_WINDOW);
+        let now = process_cpu(pid)?;
+        if now == last {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("process {pid} still busy after {IDLE_TIMEOUT:?}");
+        }
+        last = now;
+    }
+}
+
+/// Writes every dirty page back to disk, so that the writeback of earlier
+/// work does not run during a measurement.
+pub fn write_back() {
+    rustix::fs::sync();
+}
+
 /// Writes dirty pages back, then drops the page cache, dentries and inodes
 /// (of the whole machine) so the next read comes from the disk.
 pub fn drop_caches() -> anyhow::Result<()> {
-    rustix::fs::sync();
+    write_back();
     std::fs::write("/proc/sys/vm/drop_caches", "3")
         .context("writing /proc/sys/vm/drop_caches (needs root)")
 }

@@ -54,8 +54,17 @@ pub struct ColdWarm {
 /// cold and [`WARM_RUNS`] times warm.
 pub fn native_cold_then_warm(op: Op<'_>, root: &Path) -> anyhow::Result<ColdWarm> {
     tools::drop_caches()?;
-    cold_then_warm(op, root)
+    cold_then_warm(op, root, || {
+        tools::write_back();
+        Ok(())
+    })
 }
+
+/// What happens between the cold run and the warm ones, for the report.
+pub const SETTLE_METHOD: &str = "Between the cold run and the warm ones, the background work \
+    the cold run caused is let finish: dirty pages are written back (`sync`, both sides) and \
+    the Darter daemon is waited on until it has used no CPU for 100 ms (its cache writes and \
+    read-ahead), as a warm read in use meets it.";
 
 /// How the breakdown tables are made, for the report.
 pub const BREAKDOWN_METHOD: &str = "Breakdown: the cold Darter run is repeated (in the same \
@@ -131,10 +140,10 @@ pub fn with_cold_mount<T>(
     image: &BuiltImage,
     scratch: &Scratch,
     setup: ColdSetup,
-    work: impl FnOnce(&Path) -> anyhow::Result<T>,
+    work: impl FnOnce(&DarterMount) -> anyhow::Result<T>,
 ) -> anyhow::Result<(T, DaemonUse)> {
     let cold = cold_mount(bench, image, scratch, setup)?;
-    let value = work(cold.mount.path())?;
+    let value = work(&cold.mount)?;
     let daemon = DaemonUse::of(&cold.mount)?;
     cold.mount.unmount()?;
     Ok((value, daemon))
@@ -250,10 +259,16 @@ pub fn breakdown_table(
     table
 }
 
-/// Runs `op` on `root` once (cold: the caller made it so), then
+/// Runs `op` on `root` once (cold: the caller made it so), lets the
+/// background work the cold run caused finish (`settle`), then runs it
 /// [`WARM_RUNS`] times (warm).
-pub fn cold_then_warm(op: Op<'_>, root: &Path) -> anyhow::Result<ColdWarm> {
+pub fn cold_then_warm(
+    op: Op<'_>,
+    root: &Path,
+    settle: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<ColdWarm> {
     let (cold, amount) = seconds(|| op.run(root))?;
+    settle()?;
     let mut warm = Vec::with_capacity(WARM_RUNS);
     for _ in 0..WARM_RUNS {
         let (secs, again) = seconds(|| op.run(root))?;

@@ -120,7 +120,10 @@ impl Scenario for Python {
                     round(|work| {
                         // The warm runs are served by the kernel's caches:
                         // the counters are the cold run's.
-                        let ((), daemon) = with_cold_mount(bench, image, scratch, setup, work)?;
+                        let ((), daemon) =
+                            with_cold_mount(bench, image, scratch, setup, |mount| {
+                                work(mount.path())
+                            })?;
                         Ok(Some(daemon))
                     })
                 })

@@ -11,9 +11,9 @@ use crate::model::{
 };
 use crate::scenario::{Bench, Scenario, alternate};
 use crate::scenarios::access::{
-    BREAKDOWN_METHOD, ColdWarm, DaemonUse, Op, WARM_RUNS, baseline_and_setups, breakdown_table,
-    cold_samples, cold_then_warm, daemon_table, native_cold_then_warm, peak, same_amount,
-    setup_samples, warm_samples, with_cold_mount,
+    BREAKDOWN_METHOD, ColdWarm, DaemonUse, Op, SETTLE_METHOD, WARM_RUNS, baseline_and_setups,
+    breakdown_table, cold_samples, cold_then_warm, daemon_table, native_cold_then_warm, peak,
+    same_amount, setup_samples, warm_samples, with_cold_mount,
 };
 
 /// Warm sequential read aim, bytes per second.
@@ -51,8 +51,8 @@ impl Scenario for SeqRead {
             |setup| {
                 let (image, scratch) = (&image, &scratch);
                 Box::new(move || {
-                    let (read, daemon) = with_cold_mount(bench, image, scratch, setup, |root| {
-                        cold_then_warm(Op::ReadFile(file), root)
+                    let (read, daemon) = with_cold_mount(bench, image, scratch, setup, |mount| {
+                        cold_then_warm(Op::ReadFile(file), mount.path(), || mount.settle())
                     })?;
                     Ok(Round {
                         read,
@@ -97,6 +97,7 @@ fn report(scenario: &SeqRead, bytes: u64, runs: &[Vec<Round>]) -> anyhow::Result
          empty chunk cache), read once (cold), read {WARM_RUNS} more times (warm).",
         Unit::Bytes.show(bytes as f64)
     ));
+    r.method.push(SETTLE_METHOD.to_owned());
     r.method.push(BREAKDOWN_METHOD.to_owned());
     r.tables.push(comparison_table(
         "Throughput (higher is better)",

@@ -8,9 +8,9 @@ use crate::model::{
 };
 use crate::scenario::{Bench, Scenario, alternate};
 use crate::scenarios::access::{
-    BREAKDOWN_METHOD, ColdSetup, ColdWarm, DaemonUse, Op, WARM_RUNS, baseline_and_setups,
-    breakdown_table, cold_samples, cold_then_warm, daemon_table, native_cold_then_warm, peak,
-    same_amount, setup_samples, warm_samples, with_cold_mount,
+    BREAKDOWN_METHOD, ColdSetup, ColdWarm, DaemonUse, Op, SETTLE_METHOD, WARM_RUNS,
+    baseline_and_setups, breakdown_table, cold_samples, cold_then_warm, daemon_table,
+    native_cold_then_warm, peak, same_amount, setup_samples, warm_samples, with_cold_mount,
 };
 
 /// Warm operations may take this much longer than native.
@@ -56,8 +56,8 @@ impl Scenario for TreeWalk {
                 Box::new(move || {
                     // A fresh mount for each operation, so each starts cold.
                     let on_cold_mount = |op| {
-                        with_cold_mount(bench, image, scratch, setup, |root| {
-                            cold_then_warm(op, root)
+                        with_cold_mount(bench, image, scratch, setup, |mount| {
+                            cold_then_warm(op, mount.path(), || mount.settle())
                         })
                     };
                     let find = match setup {
@@ -127,6 +127,7 @@ fn report(scenario: &TreeWalk, runs: &[Vec<Round>]) -> anyhow::Result<ScenarioRe
          median of {WARM_RUNS} repetitions right after.",
         Unit::Bytes.show(bytes as f64)
     ));
+    r.method.push(SETTLE_METHOD.to_owned());
     r.method.push(BREAKDOWN_METHOD.to_owned());
     r.tables.push(comparison_table(
         "Wall time (lower is better)",
