@@ -93,6 +93,15 @@ pub fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
     toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
+/// Where `darter build` keeps its push journals: `$XDG_STATE_HOME/darter/push-journal`,
+/// else `~/.local/state/darter/push-journal`; `None` without either variable.
+pub fn push_journal_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .map(|d| d.join("darter").join("push-journal"))
+}
+
 fn default_paths() -> Vec<PathBuf> {
     let user = std::env::var_os("XDG_CONFIG_HOME")
         .map(PathBuf::from)

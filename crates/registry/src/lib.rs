@@ -8,7 +8,7 @@
 //! platform, put), blobs (HEAD, verified resumable streams, exact range
 //! reads, pushes with dedup, cross-repository mounts and chunked uploads,
 //! and [`StreamingUpload`]s of blobs produced on the fly whose size and
-//! digest are known only at the end).
+//! digest are known only at the end, resumable from an [`UploadCheckpoint`]).
 //! Transient failures are retried with backoff within a per-operation
 //! deadline; everything else is a [`RegistryError`] naming the operation,
 //! repository, digest and URL.
@@ -49,5 +49,5 @@ pub use darter_format::Digest;
 pub use error::{ErrorKind, OperationContext, RegistryError};
 pub use manifest::{Manifest, Platform};
 pub use reference::{DEFAULT_TAG, DOCKER_HUB, Reference, ReferenceError, Repository};
-pub use streaming_upload::StreamingUpload;
+pub use streaming_upload::{StreamingUpload, UploadCheckpoint};
 pub use upload::{BlobSource, PushOutcome};

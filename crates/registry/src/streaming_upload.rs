@@ -3,12 +3,14 @@
 //! converted). Each append is sent in PATCH chunks right away, resuming
 //! after transient failures like chunked pushes do; the closing PUT names
 //! the digest and the registry checks it. Only the bytes of the current
-//! append are held.
+//! append are held. An [`UploadCheckpoint`] lets another process pick the
+//! session up where it stood.
 
 use bytes::Bytes;
 use darter_format::Digest;
 use reqwest::{Method, StatusCode};
 use tracing::{debug, warn};
+use url::Url;
 
 use crate::auth::Scope;
 use crate::client::{Client, DeadlineMode, Failure, RequestBody, RetryBudget};
@@ -57,6 +59,47 @@ impl std::fmt::Debug for StreamingUpload {
     }
 }
 
+/// Where a [`StreamingUpload`] stood: its session URL and the bytes the
+/// registry had acknowledged. Kept (say, in a file) so that a later process
+/// can go on with [`Client::resume_streaming_upload`]. The URL may carry
+/// signed state or credentials in its query: `Debug` shows it redacted, and
+/// it belongs only where the user's credentials could be stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UploadCheckpoint {
+    session: Url,
+    uploaded: u64,
+}
+
+impl UploadCheckpoint {
+    /// A checkpoint read back from storage; `None` unless `session_url` is
+    /// an absolute http(s) URL. Whether it belongs to the repository is
+    /// checked when it is resumed.
+    pub fn from_parts(session_url: &str, uploaded: u64) -> Option<UploadCheckpoint> {
+        let session = Url::parse(session_url).ok()?;
+        matches!(session.scheme(), "http" | "https")
+            .then_some(UploadCheckpoint { session, uploaded })
+    }
+
+    /// The session URL, to store.
+    pub fn session_url(&self) -> &str {
+        self.session.as_str()
+    }
+
+    /// Bytes the registry had acknowledged.
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded
+    }
+}
+
+impl std::fmt::Debug for UploadCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadCheckpoint")
+            .field("session", &redact_url(&self.session))
+            .field("uploaded", &self.uploaded)
+            .finish()
+    }
+}
+
 impl Client {
     /// Starts an upload session in `repository` for a blob of unknown size
     /// and digest (needs push access).
@@ -74,13 +117,66 @@ impl Client {
             .with_retries(&context, || self.open_upload_session(target))
             .await?;
         debug!(%repository, session = %redact_url(&session), "streaming blob upload started");
-        Ok(StreamingUpload {
+        Ok(self.streaming_upload(repository, scopes, UploadProgress { session, offset: 0 }))
+    }
+
+    /// Goes on with the upload `checkpoint` describes (one a process that
+    /// died left behind, say): asks the registry how many bytes the session
+    /// holds, which [`StreamingUpload::uploaded`] then tells; the next
+    /// append continues from there. `Ok(None)` if the registry no longer
+    /// knows the session (404: finished, cancelled or purged). A session
+    /// URL outside `repository`'s uploads on this client's registry is
+    /// refused without a request: it came from storage, and requests must
+    /// not go elsewhere.
+    pub async fn resume_streaming_upload(
+        &self,
+        repository: &Repository,
+        checkpoint: &UploadCheckpoint,
+    ) -> Result<Option<StreamingUpload>, RegistryError> {
+        let context = upload_context("resume blob upload", repository, None);
+        let session = &checkpoint.session;
+        let uploads = self
+            .repository_url(repository, "blobs/uploads/")
+            .map_err(|failure| failure.into_error(&context, 1))?;
+        if session.origin() != uploads.origin() || !session.path().starts_with(uploads.path()) {
+            let why = format!("the upload session is not one of {}", redact_url(&uploads));
+            let kind = ErrorKind::InvalidRequest(why);
+            return Err(RegistryError::new(context, Some(redact_url(session)), kind));
+        }
+        let scopes = [Scope::push(repository)];
+        let target = UploadTarget {
+            repository,
+            scopes: &scopes,
+        };
+        let stored = UploadProgress {
+            session: session.clone(),
+            offset: checkpoint.uploaded,
+        };
+        let status = self
+            .with_retries(&context, || self.session_status(target, &stored))
+            .await;
+        let progress = match status {
+            Ok(progress) => progress,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        debug!(%repository, session = %redact_url(&progress.session), uploaded = progress.offset, "streaming blob upload resumed");
+        Ok(Some(self.streaming_upload(repository, scopes, progress)))
+    }
+
+    fn streaming_upload(
+        &self,
+        repository: &Repository,
+        scopes: [Scope; 1],
+        progress: UploadProgress,
+    ) -> StreamingUpload {
+        StreamingUpload {
             client: self.clone(),
             repository: repository.clone(),
             scopes,
-            progress: UploadProgress { session, offset: 0 },
+            progress,
             broken: false,
-        })
+        }
     }
 }
 
@@ -119,6 +215,14 @@ impl StreamingUpload {
     /// Bytes the registry has acknowledged.
     pub fn uploaded(&self) -> u64 {
         self.progress.offset
+    }
+
+    /// Where the upload stands, to resume it later in another process.
+    pub fn checkpoint(&self) -> UploadCheckpoint {
+        UploadCheckpoint {
+            session: self.progress.session.clone(),
+            uploaded: self.progress.offset,
+        }
     }
 
     /// Completes the upload with the closing PUT `?digest=`; the registry

@@ -444,18 +444,29 @@ impl Client {
         progress: &UploadProgress,
         window: SourceWindow<'_>,
     ) -> Result<UploadProgress, Failure> {
+        let status = self.session_status(target, progress).await?;
+        if !(window.start..=window.end).contains(&status.offset) {
+            let what = format!(
+                "registry holds {} bytes of the upload, outside the {}..={} still at hand",
+                status.offset, window.start, window.end
+            );
+            return Err(Failure::at(&progress.session, bad_response(what)));
+        }
+        Ok(status)
+    }
+
+    /// Asks how many bytes the registry holds of the upload session
+    /// (`progress.offset` is a count it is known to hold at least).
+    pub(crate) async fn session_status(
+        &self,
+        target: UploadTarget<'_>,
+        progress: &UploadProgress,
+    ) -> Result<UploadProgress, Failure> {
         let session = &progress.session;
         let request = target.request(Method::GET, session.clone());
         let response = self.execute(&request).await?;
         let response = expect_status(response, &[StatusCode::NO_CONTENT, StatusCode::OK]).await?;
         let offset = upload_range_offset(&response, progress.offset).unwrap_or(0);
-        if !(window.start..=window.end).contains(&offset) {
-            let what = format!(
-                "registry holds {offset} bytes of the upload, outside the {}..={} still at hand",
-                window.start, window.end
-            );
-            return Err(Failure::at(session, bad_response(what)));
-        }
         Ok(UploadProgress {
             session: resolve_location(session, &response).unwrap_or_else(|_| session.clone()),
             offset,

@@ -7,8 +7,10 @@
 //! [`darter_image::BlobSource`] of HTTP range reads for mounts and checks,
 //! a [`darter_builder::SourceImage`] streaming layers for conversion, and
 //! a [`darter_builder::ImageSink`] that pushes while the builder writes,
-//! uploading only what the registry lacks. [`copy`] moves images between
-//! any two stores.
+//! uploading only what the registry lacks, and keeps a push journal so that
+//! a rerun of an interrupted build skips or resumes the data blobs already
+//! sent (a hint only: the registry and the rebuilt bytes are checked).
+//! [`copy`] moves images between any two stores.
 //!
 //! Must not: parse image formats (`darter-format`, `darter-oci`) or
 //! implement the registry protocol (`darter-registry`).
@@ -16,6 +18,8 @@
 #![forbid(unsafe_code)]
 
 mod copy;
+mod journal;
+mod push;
 mod reference;
 mod registry;
 mod stores;
@@ -23,4 +27,4 @@ mod stores;
 pub use copy::{CopyReport, copy};
 pub use reference::{ImageRef, RefError};
 pub use registry::{RegistryBlobs, RegistryImage, RegistrySink};
-pub use stores::{OpenedManifest, RemoteError, Stores};
+pub use stores::{OpenedManifest, PushJournalKey, RemoteError, Stores};

@@ -1,22 +1,17 @@
 //! Registries behind Darter's synchronous interfaces.
 
-use std::io::{self, Read, Write};
+use std::io::Read;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use darter_builder::{BlobSink, BuildError, COPY_PIECE, ImageSink, SourceImage, Transfer};
 use darter_image::{BlobSource, SourceError};
 use darter_oci::{Descriptor, ImageManifest, OciDigest};
-use darter_registry::{PushOutcome, Reference, Repository, StreamingUpload};
+use darter_registry::{Reference, Repository};
 
+use crate::journal::PushJournal;
+use crate::push::Pusher;
 use crate::stores::{OpenedManifest, Remote, RemoteError, oci_digest, registry_digest};
-
-/// Blobs up to this size are buffered and pushed whole (after a HEAD that
-/// skips them if present); larger ones stream as they are written.
-const BUFFERED_BLOB_LIMIT: usize = 8 << 20;
-/// A streaming upload sends this much per append.
-const STREAM_PIECE: usize = 8 << 20;
 
 /// A registry repository's blobs, read by HTTP range requests.
 pub struct RegistryBlobs {
@@ -161,78 +156,52 @@ impl SourceImage for RegistryImage {
     }
 }
 
-/// A registry repository as a destination. Counts what it sends.
+/// A registry repository as a destination. Counts what it sends. With a
+/// push journal, a rerun of an interrupted push skips or resumes the data
+/// blobs it had sent (see `push.rs`); the `n`th blob begun is the journal's
+/// blob `n`, which the builder's determinism makes the same blob each run.
 pub struct RegistrySink {
-    remote: Arc<Remote>,
-    repository: Repository,
-    sent: Arc<AtomicU64>,
+    pusher: Arc<Pusher>,
 }
 
 impl RegistrySink {
-    pub(crate) fn new(remote: Arc<Remote>, repository: Repository) -> Self {
+    pub(crate) fn new(
+        remote: Arc<Remote>,
+        repository: Repository,
+        journal: Option<PushJournal>,
+    ) -> Self {
         RegistrySink {
-            remote,
-            repository,
-            sent: Arc::new(AtomicU64::new(0)),
+            pusher: Arc::new(Pusher::new(remote, repository, journal)),
         }
-    }
-
-    fn fail(&self, e: impl std::fmt::Display) -> BuildError {
-        BuildError::Destination {
-            destination: self.name(),
-            detail: e.to_string(),
-        }
-    }
-
-    /// Pushes a blob held in memory, unless the registry has it.
-    fn push_bytes(&self, data: Bytes) -> Result<(OciDigest, u64), BuildError> {
-        let digest = OciDigest::of(&data);
-        let size = data.len() as u64;
-        let outcome = self
-            .remote
-            .rt
-            .block_on(self.remote.client.push_blob(
-                &self.repository,
-                &registry_digest(&digest),
-                &darter_registry::BlobSource::Bytes(data),
-                None,
-            ))
-            .map_err(|e| self.fail(e))?;
-        if outcome == PushOutcome::Uploaded {
-            self.sent.fetch_add(size, Ordering::Relaxed);
-        }
-        Ok((digest, size))
     }
 }
 
 impl std::fmt::Debug for RegistrySink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RegistrySink")
-            .field("repository", &self.repository.to_string())
+            .field("repository", &self.pusher.name())
             .finish()
     }
 }
 
 impl ImageSink for RegistrySink {
     fn name(&self) -> String {
-        self.repository.to_string()
+        self.pusher.name()
     }
 
     fn begin_blob(&self) -> Result<Box<dyn BlobSink>, BuildError> {
-        Ok(Box::new(RegistryUpload {
-            sink: RegistrySink {
-                remote: self.remote.clone(),
-                repository: self.repository.clone(),
-                sent: self.sent.clone(),
-            },
-            buffer: Vec::new(),
-            stream: None,
-            hasher: darter_oci::Sha256Writer::new(io::sink()),
-        }))
+        Ok(Box::new(self.pusher.begin_blob()))
     }
 
     fn put_blob(&self, data: &[u8]) -> Result<(OciDigest, u64), BuildError> {
-        self.push_bytes(Bytes::copy_from_slice(data))
+        let digest = OciDigest::of(data);
+        let size = data.len() as u64;
+        let source = Bytes::copy_from_slice(data).into();
+        let pusher = &self.pusher;
+        pusher
+            .push(&digest, size, &source)
+            .map_err(|e| pusher.fail(e))?;
+        Ok((digest, size))
     }
 
     fn ensure_blob(
@@ -242,48 +211,47 @@ impl ImageSink for RegistrySink {
         source: &dyn BlobSource,
         mount_from: Option<&str>,
     ) -> Result<Transfer, BuildError> {
-        let client = &self.remote.client;
+        let pusher = &self.pusher;
+        let (remote, repository) = (&pusher.remote, &pusher.repository);
+        let client = &remote.client;
         let rd = registry_digest(digest);
-        if self
-            .remote
+        if remote
             .rt
-            .block_on(client.blob_size(&self.repository, &rd))
-            .map_err(|e| self.fail(e))?
+            .block_on(client.blob_size(repository, &rd))
+            .map_err(|e| pusher.fail(e))?
             .is_some()
         {
             return Ok(Transfer::Present);
         }
         if let Some(from) = mount_from {
-            let from = Repository::parse(&format!("{}/{from}", self.repository.registry()))
-                .map_err(|e| self.fail(e))?;
-            if self
-                .remote
+            let from = Repository::parse(&format!("{}/{from}", repository.registry()))
+                .map_err(|e| pusher.fail(e))?;
+            if remote
                 .rt
-                .block_on(client.mount_blob(&self.repository, &rd, &from))
-                .map_err(|e| self.fail(e))?
+                .block_on(client.mount_blob(repository, &rd, &from))
+                .map_err(|e| pusher.fail(e))?
             {
                 return Ok(Transfer::Mounted);
             }
         }
-        let mut upload = self
-            .remote
+        let mut upload = remote
             .rt
-            .block_on(client.begin_streaming_upload(&self.repository))
-            .map_err(|e| self.fail(e))?;
+            .block_on(client.begin_streaming_upload(repository))
+            .map_err(|e| pusher.fail(e))?;
         let mut offset = 0;
         while offset < size {
             let piece = source.read_range(digest, offset, COPY_PIECE.min(size - offset))?;
             offset += piece.len() as u64;
-            self.remote
+            remote
                 .rt
                 .block_on(upload.append(Bytes::from(piece)))
-                .map_err(|e| self.fail(e))?;
+                .map_err(|e| pusher.fail(e))?;
         }
-        self.remote
+        remote
             .rt
             .block_on(upload.finish(&rd))
-            .map_err(|e| self.fail(e))?;
-        self.sent.fetch_add(size, Ordering::Relaxed);
+            .map_err(|e| pusher.fail(e))?;
+        pusher.count_sent(size);
         Ok(Transfer::Copied(size))
     }
 
@@ -293,104 +261,24 @@ impl ImageSink for RegistrySink {
         media_type: &str,
         tag: &str,
     ) -> Result<OciDigest, BuildError> {
+        let pusher = &self.pusher;
         let reference =
-            Reference::with_tag(self.repository.clone(), tag).map_err(|e| self.fail(e))?;
-        let digest = self
+            Reference::with_tag(pusher.repository.clone(), tag).map_err(|e| pusher.fail(e))?;
+        let digest = pusher
             .remote
             .rt
-            .block_on(self.remote.client.put_manifest(
+            .block_on(pusher.remote.client.put_manifest(
                 &reference,
                 media_type,
                 Bytes::copy_from_slice(data),
             ))
-            .map_err(|e| self.fail(e))?;
-        self.sent.fetch_add(data.len() as u64, Ordering::Relaxed);
-        oci_digest(&digest).map_err(|e| self.fail(e))
+            .map_err(|e| pusher.fail(e))?;
+        pusher.count_sent(data.len() as u64);
+        pusher.complete();
+        oci_digest(&digest).map_err(|e| pusher.fail(e))
     }
 
     fn sent_bytes(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-/// A blob being pushed as the builder writes it: buffered while small,
-/// streamed in pieces once it is not.
-struct RegistryUpload {
-    sink: RegistrySink,
-    buffer: Vec<u8>,
-    stream: Option<StreamingUpload>,
-    hasher: darter_oci::Sha256Writer<io::Sink>,
-}
-
-impl RegistryUpload {
-    fn send_buffer(&mut self) -> io::Result<()> {
-        let sink = &self.sink;
-        if self.stream.is_none() {
-            let started = sink
-                .remote
-                .rt
-                .block_on(sink.remote.client.begin_streaming_upload(&sink.repository));
-            self.stream = Some(started.map_err(io::Error::other)?);
-        }
-        let data = Bytes::from(std::mem::take(&mut self.buffer));
-        let len = data.len() as u64;
-        if let Some(stream) = self.stream.as_mut() {
-            sink.remote
-                .rt
-                .block_on(stream.append(data))
-                .map_err(io::Error::other)?;
-        }
-        sink.sent.fetch_add(len, Ordering::Relaxed);
-        Ok(())
-    }
-}
-
-impl Write for RegistryUpload {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.hasher.write_all(buf)?;
-        self.buffer.extend_from_slice(buf);
-        let limit = if self.stream.is_some() {
-            STREAM_PIECE
-        } else {
-            BUFFERED_BLOB_LIMIT
-        };
-        if self.buffer.len() >= limit {
-            self.send_buffer()?;
-        }
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl BlobSink for RegistryUpload {
-    fn commit(mut self: Box<Self>) -> io::Result<(OciDigest, u64)> {
-        let (_, digest, size) =
-            std::mem::replace(&mut self.hasher, darter_oci::Sha256Writer::new(io::sink())).finish();
-        if self.stream.is_none() {
-            let data = Bytes::from(std::mem::take(&mut self.buffer));
-            return self.sink.push_bytes(data).map_err(io::Error::other);
-        }
-        self.send_buffer()?;
-        let sink = &self.sink;
-        if let Some(stream) = self.stream.take() {
-            sink.remote
-                .rt
-                .block_on(stream.finish(&registry_digest(&digest)))
-                .map_err(io::Error::other)?;
-        }
-        Ok((digest, size))
-    }
-}
-
-impl Drop for RegistryUpload {
-    fn drop(&mut self) {
-        // An upload dropped before commit (a failed build) is abandoned so
-        // the registry can discard its session.
-        if let Some(stream) = self.stream.take() {
-            self.sink.remote.rt.block_on(stream.cancel());
-        }
+        self.pusher.sent_bytes()
     }
 }

@@ -1,5 +1,6 @@
 //! Opening images from layouts and registries alike.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use darter_builder::{ImageSink, LayoutImage, LayoutSink, SourceImage};
@@ -8,6 +9,7 @@ use darter_image::{BlobSource, Image, LayoutBlobs};
 use darter_oci::{ImageManifest, OciDigest, OciLayout};
 use darter_registry::{Client, ClientConfig, Platform};
 
+use crate::journal::PushJournal;
 use crate::reference::{ImageRef, RefError};
 use crate::registry::{RegistryBlobs, RegistryImage, RegistrySink};
 
@@ -67,6 +69,18 @@ impl std::fmt::Debug for OpenedManifest {
             .field("digest", &self.digest)
             .finish_non_exhaustive()
     }
+}
+
+/// Where a build's push journals live and what identifies the build.
+#[derive(Debug, Clone)]
+pub struct PushJournalKey {
+    /// The directory of journals (created when first written).
+    pub dir: PathBuf,
+    /// Everything that decides the build's output besides the contents of
+    /// its source: the source's name (and digest, for images), the parent,
+    /// the chunking and compression settings. Builds with the same key
+    /// write the same blobs in the same order from the same source bytes.
+    pub build: String,
 }
 
 /// The connection to registries, made on first use.
@@ -199,6 +213,18 @@ impl Stores {
     /// A destination for writing an image, and the tag to give it
     /// (`latest` when the reference names none).
     pub fn sink(&self, image: &ImageRef) -> Result<(Box<dyn ImageSink>, String), RemoteError> {
+        self.build_sink(image, None)
+    }
+
+    /// Like [`Stores::sink`], for a build: a registry destination keeps a
+    /// push journal in `journal.dir`, so that rerunning the same build after
+    /// an interruption does not send again the data blobs that reached the
+    /// registry, and resumes the upload it was in.
+    pub fn build_sink(
+        &self,
+        image: &ImageRef,
+        journal: Option<&PushJournalKey>,
+    ) -> Result<(Box<dyn ImageSink>, String), RemoteError> {
         let tag = image.tag().unwrap_or("latest").to_owned();
         match image {
             ImageRef::Layout(r) => {
@@ -211,10 +237,11 @@ impl Stores {
                         detail: "cannot push to a digest; name a tag".into(),
                     });
                 }
-                Ok((
-                    Box::new(RegistrySink::new(self.remote()?, r.repository().clone())),
-                    tag,
-                ))
+                let repository = r.repository();
+                let journal = journal
+                    .map(|key| PushJournal::open(&key.dir, &repository.to_string(), &key.build));
+                let sink = RegistrySink::new(self.remote()?, repository.clone(), journal);
+                Ok((Box::new(sink), tag))
             }
         }
     }

@@ -7,7 +7,7 @@ use darter_builder::{BuildOptions, ChunkSettings, Parent, Source};
 use darter_format::DigestAlgo;
 use darter_format::blob::{DEFAULT_CHUNK_SIZE, DEFAULT_FRAME_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE};
 use darter_format::compress::Compression;
-use darter_remote::Stores;
+use darter_remote::{PushJournalKey, Stores};
 
 use crate::cli::BuildArgs;
 use crate::config::BuildConfig;
@@ -55,8 +55,12 @@ pub fn run(
             })
         }
     };
+    let journal = crate::config::push_journal_dir().map(|dir| PushJournalKey {
+        dir,
+        build: build_identity(&source, parent.as_ref(), &settings),
+    });
     let (sink, tag) = stores
-        .sink(&output)
+        .build_sink(&output, journal.as_ref())
         .with_context(|| format!("opening {}", args.output))?;
     let opts = BuildOptions { settings, tag };
     let progress = BuildProgress::new(quiet || args.json);
@@ -88,6 +92,31 @@ pub fn run(
         );
     }
     Ok(Outcome::Success)
+}
+
+/// What decides the blobs a build writes besides the bytes of its source,
+/// to tell a rerun of the same build (the thread count does not matter).
+fn build_identity(source: &Source, parent: Option<&Parent>, settings: &ChunkSettings) -> String {
+    let source = match source {
+        Source::Dir(dir) => std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.clone())
+            .display()
+            .to_string(),
+        Source::Image(image) => format!("{}@{}", image.name(), image.manifest_digest()),
+    };
+    let parent = parent.map(|p| p.image.manifest_digest().to_string());
+    let ChunkSettings {
+        chunk_size,
+        frame_size,
+        compression,
+        level,
+        digest,
+        jobs: _,
+    } = settings;
+    format!(
+        "source {source}\nparent {}\nchunk-size {chunk_size} frame-size {frame_size} compressor {compression} level {level} digest {digest}",
+        parent.as_deref().unwrap_or("none")
+    )
 }
 
 fn settings(args: &BuildArgs, config: &BuildConfig) -> anyhow::Result<ChunkSettings> {

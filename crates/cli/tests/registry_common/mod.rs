@@ -92,7 +92,8 @@ impl Scratch {
     }
 
     /// `darter --config CONFIG ARGS`, hermetic: its own `HOME` (no docker
-    /// credentials from the machine), no log filter from the environment.
+    /// credentials from the machine, push journals under
+    /// [`Scratch::push_journal_dir`]), no log filter from the environment.
     pub fn darter_command<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -103,11 +104,29 @@ impl Scratch {
             .arg(&self.config)
             .args(args)
             .env("HOME", self.path("home"))
+            .env_remove("XDG_STATE_HOME")
             .env_remove("DOCKER_CONFIG")
             .env_remove("DARTER_CONFIG")
             .env_remove("DARTER_LOG")
             .env_remove("RUST_BACKTRACE");
         cmd
+    }
+
+    /// Where `darter build` keeps its push journals (under `HOME`).
+    pub fn push_journal_dir(&self) -> PathBuf {
+        self.path("home/.local/state/darter/push-journal")
+    }
+
+    /// The push journals `darter build` left (interrupted pushes).
+    pub fn push_journals(&self) -> Vec<PathBuf> {
+        let entries = match std::fs::read_dir(self.push_journal_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+            Err(e) => panic!("{}: {e}", self.push_journal_dir().display()),
+        };
+        let mut journals: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+        journals.sort();
+        journals
     }
 
     /// `darter build SOURCE -o IMAGE --json EXTRA...`, asserting success;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use darter_registry::{
     Client, ClientConfig, ErrorKind, PushOutcome, Repository, RetryPolicy, StreamingUpload,
+    UploadCheckpoint,
 };
 use darter_testkit::faultproxy::{Fault, FaultProxy, FaultRule};
 use darter_testkit::registry::TestRegistry;
@@ -340,4 +341,93 @@ async fn cancel_leaves_no_blob() {
         client.blob_size(&repository, &sha256(&data)).await.unwrap(),
         None
     );
+}
+
+#[tokio::test]
+async fn an_upload_resumed_from_a_checkpoint_by_another_client_completes_the_blob() {
+    let (registry, proxy) = proxied_registry();
+    let path = "stream/resumed";
+    let repository = repo(&proxy.host(), path);
+    let data = Bytes::from(patterned(3 * MIB + 4321, 27));
+    let digest = sha256(&data);
+    let first = 2 * MIB + 17;
+
+    // One client uploads part of the blob and is gone without a word.
+    let checkpoint = {
+        let client = chunking_client_for(&proxy.host());
+        let mut upload = client.begin_streaming_upload(&repository).await.unwrap();
+        upload.append(data.slice(..first)).await.unwrap();
+        upload.checkpoint()
+    };
+    assert_eq!(checkpoint.uploaded(), first as u64);
+    let shown = format!("{checkpoint:?}");
+    assert!(shown.contains("_state=REDACTED"), "{shown}");
+    let stored = UploadCheckpoint::from_parts(checkpoint.session_url(), checkpoint.uploaded());
+    assert_eq!(stored.as_ref(), Some(&checkpoint));
+
+    proxy.clear_log();
+    let client = chunking_client_for(&proxy.host());
+    let mut upload = client
+        .resume_streaming_upload(&repository, &stored.unwrap())
+        .await
+        .unwrap()
+        .expect("the session is still open");
+    assert_eq!(upload.uploaded(), first as u64);
+    upload.append(data.slice(first..)).await.unwrap();
+    assert_eq!(upload.finish(&digest).await.unwrap(), PushOutcome::Uploaded);
+
+    let log = proxy.requests();
+    assert_eq!(statuses(&proxy, "POST").len(), 0, "no new session: {log:?}");
+    assert_eq!(statuses(&proxy, "PATCH").len(), 2, "1 MiB chunks: {log:?}");
+    assert!(read_blob(&client, &repository, &digest).await == data);
+    assert_eq!(session_data_sizes(&registry, path), Vec::<u64>::new());
+}
+
+#[tokio::test]
+async fn resuming_a_session_the_registry_dropped_finds_nothing() {
+    let registry = TestRegistry::start();
+    let client = client_for(&registry.host());
+    let repository = repo(&registry.host(), "stream/dropped");
+    let mut upload = client.begin_streaming_upload(&repository).await.unwrap();
+    upload
+        .append(Bytes::from(patterned(5000, 28)))
+        .await
+        .unwrap();
+    let checkpoint = upload.checkpoint();
+    upload.cancel().await;
+
+    let resumed = client
+        .resume_streaming_upload(&repository, &checkpoint)
+        .await
+        .unwrap();
+    assert!(resumed.is_none());
+}
+
+#[tokio::test]
+async fn a_checkpoint_naming_another_host_or_repository_sends_nothing() {
+    let registry = TestRegistry::start();
+    let elsewhere = FaultProxy::start(registry.addr());
+    let client = client_for(&registry.host());
+    let repository = repo(&registry.host(), "stream/mine");
+    let foreign = [
+        format!(
+            "http://{}/v2/stream/mine/blobs/uploads/x?_state=s",
+            elsewhere.host()
+        ),
+        format!("http://{}/v2/stream/other/blobs/uploads/x", registry.host()),
+        format!("http://{}/v2/stream/mine/manifests/x", registry.host()),
+    ];
+    for url in foreign {
+        let checkpoint = UploadCheckpoint::from_parts(&url, 10).unwrap();
+        let err = client
+            .resume_streaming_upload(&repository, &checkpoint)
+            .await
+            .unwrap_err();
+        assert!(matches!(err.kind(), ErrorKind::InvalidRequest(_)), "{err}");
+        assert!(!err.to_string().contains("_state=s"), "{err}");
+    }
+    assert_eq!(elsewhere.requests(), Vec::new());
+    for not_a_session in ["", "/v2/stream/mine/blobs/uploads/x", "ftp://h/v2/"] {
+        assert_eq!(UploadCheckpoint::from_parts(not_a_session, 1), None);
+    }
 }
