@@ -54,6 +54,27 @@ pub enum Command {
     /// Manage the shared chunk cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Serve containerd's snapshots API (a proxy snapshotter) until SIGINT or SIGTERM.
+    Snapshotter(SnapshotterArgs),
+}
+
+/// `darter snapshotter`.
+#[derive(Debug, Args)]
+pub struct SnapshotterArgs {
+    /// The unix socket to serve (containerd's `[proxy_plugins.NAME] address`).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/darter/snapshotter.sock"
+    )]
+    pub socket: PathBuf,
+    /// Where snapshots and their metadata live.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/darter/snapshotter"
+    )]
+    pub root: PathBuf,
 }
 
 /// `darter copy`.

@@ -7,6 +7,7 @@
 //! or namespaces behind.
 
 pub mod compare;
+pub mod containerd;
 pub mod faultproxy;
 pub mod fixtures;
 pub mod process;

@@ -8,6 +8,7 @@ mod copy;
 mod export;
 mod inspect;
 mod mount;
+mod snapshotter;
 mod stats;
 mod unpack;
 
@@ -40,6 +41,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Mount(a) => mount::run(&a, &ctx, &config.mount),
         Command::Stats(a) => stats::run(&a),
         Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
+        Command::Snapshotter(a) => snapshotter::run(&a),
     }
 }
 
@@ -143,7 +145,7 @@ fn image_args(command: &Command) -> Vec<&str> {
         Command::Export(a) => vec![&a.image],
         Command::Copy(a) => vec![&a.source, &a.destination],
         Command::Mount(a) => vec![&a.image],
-        Command::Stats(_) | Command::Cache(_) => Vec::new(),
+        Command::Stats(_) | Command::Cache(_) | Command::Snapshotter(_) => Vec::new(),
     }
 }
 

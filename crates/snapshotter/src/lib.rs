@@ -1,0 +1,31 @@
+//! Darter's containerd snapshotter: containerd's snapshots API
+//! (`containerd.services.snapshots.v1`, served on a unix socket that
+//! containerd reaches as a `[proxy_plugins]` entry) over overlayfs, with
+//! the semantics of containerd's own overlay snapshotter.
+//!
+//! It owns one root directory: the metadata store (`store.rs`, redb, every
+//! change one durable transaction), the snapshot directories
+//! (`layout.rs`), the mounts it hands out (`mounts.rs`), List filters
+//! (`filter.rs`), the operations (`snapshotter.rs`) and the socket
+//! (`server.rs`). After a crash the metadata is as the last committed
+//! transaction left it, and directories no record owns are deleted.
+//!
+//! It must not mount anything itself (containerd performs the mounts it
+//! returns), touch files outside its root, or trust its database blindly:
+//! a damaged record is an error naming its key, never a panic.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod filter;
+mod layout;
+mod mounts;
+mod server;
+mod snapshotter;
+mod store;
+
+pub use containerd_snapshots::{api, tonic};
+pub use error::{Error, ServeError};
+pub use server::{connect, run, serve};
+pub use snapshotter::{OverlaySnapshotter, Snapshots};
+pub use store::{Kind, Labels, Layer, Record, Snapshot, Usage};

@@ -1,0 +1,396 @@
+//! The snapshot operations, with containerd's semantics: synchronous on
+//! [`Snapshots`], and as containerd's `Snapshotter` trait (run on tokio's
+//! blocking pool) on [`OverlaySnapshotter`].
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use containerd_snapshots::api::types::Mount;
+use containerd_snapshots::{Info, tonic};
+
+use crate::error::Error;
+use crate::filter::Filters;
+use crate::layout::{self, Layout};
+use crate::mounts::{self, MountSpec};
+use crate::store::{self, Kind, Labels, Layer, NewSnapshot, Snapshot, Store, Usage};
+
+/// Longest key plus value of one label, as containerd's `labels.Validate`.
+const MAX_LABEL_BYTES: usize = 4096;
+
+/// An overlayfs snapshotter over one root directory.
+#[derive(Debug)]
+pub struct Snapshots {
+    layout: Layout,
+    store: Store,
+    overlay_options: Vec<String>,
+}
+
+impl Snapshots {
+    /// Opens the snapshotter at `root` (created if needed) and clears what
+    /// an earlier process left half done: staged directories, directories
+    /// of snapshots it never recorded or had already forgotten, the trash.
+    /// What cannot be cleared now (e.g. something mounted there) is logged
+    /// and left for the next Cleanup: it takes no snapshot's place.
+    pub fn open(root: &Path) -> Result<Snapshots, Error> {
+        let layout = Layout::create(root)?;
+        // The database lock first: another process may be serving `root`.
+        let store = Store::open(&store::database_path(root))?;
+        let snapshots = Snapshots {
+            layout,
+            store,
+            overlay_options: mounts::overlay_options(),
+        };
+        if let Err(err) = snapshots
+            .layout
+            .empty_staging()
+            .and_then(|()| snapshots.cleanup())
+        {
+            tracing::warn!(%err, "cannot clear what an earlier process left; going on");
+        }
+        Ok(snapshots)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.layout.root()
+    }
+
+    /// Creates the active snapshot (`kind` Active) or view `key` on
+    /// `parent` ("" for none) and returns its mounts.
+    pub fn prepare(
+        &self,
+        kind: Kind,
+        key: &str,
+        parent: &str,
+        labels: Labels,
+    ) -> Result<Vec<Mount>, Error> {
+        require_name("key", key)?;
+        validate_labels(&labels)?;
+        let parent = (!parent.is_empty()).then_some(parent);
+        // The parent's owner, read ahead; `create` checks the parent again.
+        let parent_fs = parent
+            .and_then(|p| self.store.get(p).ok())
+            .map(|p| self.layout.fs_dir(p.record.id));
+        let staged = self.layout.stage(kind, parent_fs.as_deref())?;
+        let new = NewSnapshot {
+            key,
+            parent,
+            kind,
+            labels,
+        };
+        let (snapshot, parents) = self
+            .store
+            .create(new, |id| staged.place(&self.layout, id))?;
+        tracing::debug!(
+            key,
+            parent,
+            id = snapshot.record.id,
+            kind = kind.name(),
+            "created"
+        );
+        Ok(self.mounts_of(&snapshot, &parents))
+    }
+
+    /// The mounts of the active snapshot or view `key`.
+    pub fn mounts(&self, key: &str) -> Result<Vec<Mount>, Error> {
+        let (snapshot, parents) = self.store.get_with_parents(key)?;
+        if snapshot.record.kind == Kind::Committed {
+            return Err(Error::NotMountable {
+                key: key.to_owned(),
+            });
+        }
+        Ok(self.mounts_of(&snapshot, &parents))
+    }
+
+    fn mounts_of(&self, snapshot: &Snapshot, parents: &[u64]) -> Vec<Mount> {
+        let id = snapshot.record.id;
+        let parent_dirs: Vec<_> = parents.iter().map(|&p| self.layout.fs_dir(p)).collect();
+        mounts::mounts(&MountSpec {
+            kind: snapshot.record.kind,
+            fs: &self.layout.fs_dir(id),
+            work: &self.layout.work_dir(id),
+            parents: &parent_dirs,
+            overlay_options: &self.overlay_options,
+        })
+    }
+
+    /// Commits the active snapshot `key` as `name`: measures it, flushes it
+    /// to disk, then records it (the key is gone afterwards).
+    pub fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<(), Error> {
+        require_name("name", name)?;
+        validate_labels(&labels)?;
+        let active = self.store.get(key)?;
+        if active.record.kind != Kind::Active {
+            return Err(Error::NotActive {
+                key: key.to_owned(),
+                kind: active.record.kind.name(),
+            });
+        }
+        let id = active.record.id;
+        let fs = self.layout.fs_dir(id);
+        let started = std::time::Instant::now();
+        let usage = layout::disk_usage(&fs)
+            .and_then(|usage| layout::sync_filesystem(&fs).map(|()| usage))
+            .map_err(|err| self.unless_gone(key, id, err))?;
+        self.store.commit(key, id, name, labels, usage)?;
+        tracing::debug!(
+            key,
+            name,
+            id,
+            size = usage.size,
+            inodes = usage.inodes,
+            measured_and_synced_in = ?started.elapsed(),
+            "committed"
+        );
+        Ok(())
+    }
+
+    /// `err`, or NotFound if `key` was removed (or replaced) meanwhile: a
+    /// concurrent Remove took the directory away.
+    fn unless_gone(&self, key: &str, id: u64, err: Error) -> Error {
+        match self.store.get(key) {
+            Ok(snapshot) if snapshot.record.id == id => err,
+            Ok(_) | Err(Error::NotFound { .. }) => Error::NotFound {
+                key: key.to_owned(),
+            },
+            Err(other) => other,
+        }
+    }
+
+    /// Removes `key` (refused while it has children) and deletes its
+    /// directory. Once the record is gone the removal has happened: a
+    /// directory that cannot be deleted now is left to [`Snapshots::cleanup`].
+    pub fn remove(&self, key: &str) -> Result<(), Error> {
+        let removed = self.store.remove(key)?;
+        let id = removed.record.id;
+        match removed.record.layer {
+            Layer::Directory => {}
+        }
+        if let Err(err) = self.layout.delete_snapshot_dir(id) {
+            tracing::warn!(key, id, %err, "removed; its directory is left for cleanup");
+        }
+        tracing::debug!(key, id, "removed");
+        Ok(())
+    }
+
+    pub fn stat(&self, key: &str) -> Result<Snapshot, Error> {
+        self.store.get(key)
+    }
+
+    /// Updates the labels of `info.name`, the only mutable field, as
+    /// containerd does: with no field paths, or `labels`, the labels become
+    /// `info.labels`; `labels.KEY` sets one label (or removes it, when
+    /// `info.labels` has no value for it).
+    pub fn update(&self, info: &Info, fieldpaths: &[String]) -> Result<Snapshot, Error> {
+        let given: Labels = info.labels.clone().into_iter().collect();
+        validate_labels(&given)?;
+        for path in fieldpaths {
+            if path != "labels" && !path.starts_with("labels.") {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot update {path:?} of snapshot {:?}: only labels are mutable",
+                    info.name
+                )));
+            }
+        }
+        self.store.update_labels(&info.name, |labels| {
+            if fieldpaths.is_empty() || fieldpaths.iter().any(|p| p == "labels") {
+                labels.clone_from(&given);
+            }
+            for label in fieldpaths.iter().filter_map(|p| p.strip_prefix("labels.")) {
+                match given.get(label).filter(|v| !v.is_empty()) {
+                    Some(value) => labels.insert(label.to_owned(), value.clone()),
+                    None => labels.remove(label),
+                };
+            }
+            Ok(())
+        })
+    }
+
+    /// The disk usage of `key` itself: measured now for an active snapshot,
+    /// as measured at commit time otherwise.
+    pub fn usage(&self, key: &str) -> Result<Usage, Error> {
+        let snapshot = self.store.get(key)?;
+        let id = snapshot.record.id;
+        match snapshot.record.kind {
+            Kind::Active => layout::disk_usage(&self.layout.fs_dir(id))
+                .map_err(|err| self.unless_gone(key, id, err)),
+            Kind::View | Kind::Committed => Ok(snapshot.record.usage.unwrap_or_default()),
+        }
+    }
+
+    /// The snapshots `filters` select (containerd's filter syntax).
+    pub fn list(&self, filters: &[String]) -> Result<Vec<Snapshot>, Error> {
+        let filters = Filters::parse(filters)?;
+        let mut all = self.store.list()?;
+        all.retain(|s| filters.matches(s));
+        Ok(all)
+    }
+
+    /// Deletes directories no snapshot owns: orphans of crashes, and
+    /// removals whose deletion failed earlier.
+    pub fn cleanup(&self) -> Result<(), Error> {
+        let moved = self
+            .store
+            .with_writers_paused(|live| self.layout.trash_orphans(live))??;
+        if moved > 0 {
+            tracing::info!(moved, "found orphan snapshot directories");
+        }
+        self.layout.empty_trash()
+    }
+}
+
+fn require_name(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "the snapshot {what} is empty"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_labels(labels: &Labels) -> Result<(), Error> {
+    for (key, value) in labels {
+        if key.len() + value.len() > MAX_LABEL_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "label {key:?} and its value are longer than {MAX_LABEL_BYTES} bytes"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// containerd's view of a snapshot.
+fn info(snapshot: Snapshot) -> Info {
+    let record = snapshot.record;
+    Info {
+        kind: match record.kind {
+            Kind::Active => containerd_snapshots::Kind::Active,
+            Kind::View => containerd_snapshots::Kind::View,
+            Kind::Committed => containerd_snapshots::Kind::Committed,
+        },
+        name: snapshot.key,
+        parent: record.parent.unwrap_or_default(),
+        labels: record.labels.into_iter().collect(),
+        created_at: record.created,
+        updated_at: record.updated,
+    }
+}
+
+/// [`Snapshots`] as containerd's snapshots service.
+#[derive(Debug, Clone)]
+pub struct OverlaySnapshotter {
+    inner: Arc<Snapshots>,
+}
+
+impl OverlaySnapshotter {
+    /// Opens the snapshotter at `root`, as [`Snapshots::open`].
+    pub fn open(root: &Path) -> Result<OverlaySnapshotter, Error> {
+        Ok(OverlaySnapshotter {
+            inner: Arc::new(Snapshots::open(root)?),
+        })
+    }
+
+    pub fn snapshots(&self) -> &Snapshots {
+        &self.inner
+    }
+
+    /// Runs `op` on the blocking pool: every operation does file system or
+    /// database I/O, and a write transaction may wait for another.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Snapshots) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let inner = Arc::clone(&self.inner);
+        let result = tokio::task::spawn_blocking(move || op(&inner))
+            .await
+            .map_err(|err| Error::Task(err.to_string()))?;
+        if let Err(err) = &result {
+            tracing::debug!(%err, "request refused");
+        }
+        result
+    }
+}
+
+fn labels(map: HashMap<String, String>) -> Labels {
+    map.into_iter().collect()
+}
+
+#[tonic::async_trait]
+impl containerd_snapshots::Snapshotter for OverlaySnapshotter {
+    type Error = Error;
+
+    async fn stat(&self, key: String) -> Result<Info, Error> {
+        self.blocking(move |s| s.stat(&key).map(info)).await
+    }
+
+    async fn update(&self, given: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Error> {
+        let fieldpaths = fieldpaths.unwrap_or_default();
+        self.blocking(move |s| s.update(&given, &fieldpaths).map(info))
+            .await
+    }
+
+    async fn usage(&self, key: String) -> Result<containerd_snapshots::Usage, Error> {
+        let usage = self.blocking(move |s| s.usage(&key)).await?;
+        Ok(containerd_snapshots::Usage {
+            inodes: i64::try_from(usage.inodes).unwrap_or(i64::MAX),
+            size: i64::try_from(usage.size).unwrap_or(i64::MAX),
+        })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Error> {
+        self.blocking(move |s| s.mounts(&key)).await
+    }
+
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        given: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        self.blocking(move |s| s.prepare(Kind::Active, &key, &parent, labels(given)))
+            .await
+    }
+
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        given: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Error> {
+        self.blocking(move |s| s.prepare(Kind::View, &key, &parent, labels(given)))
+            .await
+    }
+
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        given: HashMap<String, String>,
+    ) -> Result<(), Error> {
+        self.blocking(move |s| s.commit(&name, &key, labels(given)))
+            .await
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Error> {
+        self.blocking(move |s| s.remove(&key)).await
+    }
+
+    async fn clear(&self) -> Result<(), Error> {
+        self.blocking(Snapshots::cleanup).await
+    }
+
+    type InfoStream = tokio_stream::Iter<std::vec::IntoIter<Result<Info, Error>>>;
+
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Error> {
+        let listed = self.blocking(move |s| s.list(&filters)).await?;
+        let infos: Vec<Result<Info, Error>> = listed.into_iter().map(|s| Ok(info(s))).collect();
+        Ok(tokio_stream::iter(infos))
+    }
+}
+
+#[cfg(test)]
+mod tests;

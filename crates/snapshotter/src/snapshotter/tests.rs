@@ -1,0 +1,354 @@
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+
+use darter_testkit::process::MountGuard;
+use rustix::mount::{MountFlags, MountPropagationFlags};
+
+use super::*;
+
+fn open() -> (tempfile::TempDir, Snapshots) {
+    let root = tempfile::tempdir().unwrap();
+    let snapshots = Snapshots::open(root.path()).unwrap();
+    (root, snapshots)
+}
+
+/// Performs `mounts` at `target` as containerd would; unmounted on drop.
+fn mount(mounts: &[Mount], target: &Path) -> MountGuard {
+    let [m] = mounts else {
+        panic!("expected one mount: {mounts:?}")
+    };
+    fs::create_dir_all(target).unwrap();
+    match m.r#type.as_str() {
+        "bind" => {
+            rustix::mount::mount_bind_recursive(Path::new(&m.source), target).unwrap();
+            if m.options.iter().any(|o| o == "ro") {
+                let flags = MountFlags::BIND | MountFlags::RDONLY;
+                rustix::mount::mount_remount(target, flags, "").unwrap();
+            }
+        }
+        "overlay" => {
+            let options = std::ffi::CString::new(m.options.join(",")).unwrap();
+            let data = Some(options.as_c_str());
+            rustix::mount::mount("overlay", target, "overlay", MountFlags::empty(), data).unwrap();
+        }
+        other => panic!("unexpected mount type {other}"),
+    }
+    // Keep the mount out of other tests' way: no propagation.
+    rustix::mount::mount_change(target, MountPropagationFlags::PRIVATE).unwrap();
+    MountGuard::new(target)
+}
+
+/// Commits `files` as snapshot `name` on `parent`, written through the
+/// mounts of an active snapshot, as containerd's unpacker does.
+fn layer(s: &Snapshots, work: &Path, name: &str, parent: &str, files: &[(&str, &str)]) {
+    let key = format!("extract-{name}");
+    let mounts = s
+        .prepare(Kind::Active, &key, parent, Labels::new())
+        .unwrap();
+    {
+        let target = work.join(&key);
+        let _mounted = mount(&mounts, &target);
+        for (path, content) in files {
+            fs::write(target.join(path), content).unwrap();
+        }
+    }
+    s.commit(name, &key, Labels::new()).unwrap();
+}
+
+fn snapshot_dirs(root: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn keys(s: &Snapshots) -> Vec<(String, Kind, Option<String>)> {
+    s.list(&[])
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.key, s.record.kind, s.record.parent))
+        .collect()
+}
+
+#[test]
+fn layers_stack_through_real_overlay_mounts() {
+    let (root, s) = open();
+    let work = tempfile::tempdir().unwrap();
+    layer(&s, work.path(), "base", "", &[("a", "base"), ("b", "base")]);
+    layer(
+        &s,
+        work.path(),
+        "top",
+        "base",
+        &[("b", "top"), ("c", "top")],
+    );
+
+    let mounts = s
+        .prepare(Kind::Active, "container", "top", Labels::new())
+        .unwrap();
+    let rootfs = work.path().join("rootfs");
+    {
+        let _mounted = mount(&mounts, &rootfs);
+        let read = |p: &str| fs::read_to_string(rootfs.join(p)).unwrap();
+        assert_eq!(
+            (read("a"), read("b"), read("c")),
+            ("base".into(), "top".into(), "top".into())
+        );
+        fs::write(rootfs.join("d"), "container").unwrap();
+        fs::remove_file(rootfs.join("a")).unwrap();
+    }
+    // The container's changes went to its own directory only.
+    let base_fs = PathBuf::from(
+        &s.prepare(Kind::View, "v-base", "base", Labels::new())
+            .unwrap()[0]
+            .source,
+    );
+    assert_eq!(fs::read_to_string(base_fs.join("a")).unwrap(), "base");
+
+    let view_mounts = s
+        .prepare(Kind::View, "v-top", "top", Labels::new())
+        .unwrap();
+    assert_eq!(view_mounts[0].r#type, "overlay");
+    let view = work.path().join("view");
+    let _mounted = mount(&view_mounts, &view);
+    assert_eq!(fs::read_to_string(view.join("b")).unwrap(), "top");
+    assert!(!view.join("d").exists());
+    assert_eq!(
+        fs::write(view.join("e"), "x").unwrap_err().raw_os_error(),
+        Some(rustix::io::Errno::ROFS.raw_os_error())
+    );
+    assert_eq!(snapshot_dirs(root.path()).len(), 5);
+}
+
+#[test]
+fn mounts_are_those_prepare_returned_and_only_for_uncommitted() {
+    let (_root, s) = open();
+    let work = tempfile::tempdir().unwrap();
+    layer(&s, work.path(), "base", "", &[("a", "1")]);
+    let prepared = s.prepare(Kind::Active, "c", "base", Labels::new()).unwrap();
+    assert_eq!(s.mounts("c").unwrap(), prepared);
+    let err = s.mounts("base").unwrap_err();
+    assert!(matches!(err, Error::NotMountable { .. }), "{err}");
+    assert!(matches!(s.mounts("nope"), Err(Error::NotFound { .. })));
+}
+
+#[test]
+fn remove_deletes_the_directory_and_refuses_parents() {
+    let (root, s) = open();
+    let work = tempfile::tempdir().unwrap();
+    layer(&s, work.path(), "base", "", &[("a", "1")]);
+    s.prepare(Kind::Active, "c", "base", Labels::new()).unwrap();
+    assert_eq!(snapshot_dirs(root.path()), ["1", "2"]);
+    assert!(matches!(s.remove("base"), Err(Error::HasChildren { .. })));
+    assert_eq!(snapshot_dirs(root.path()), ["1", "2"]);
+    s.remove("c").unwrap();
+    s.remove("base").unwrap();
+    assert!(snapshot_dirs(root.path()).is_empty());
+    assert!(keys(&s).is_empty());
+    assert_eq!(fs::read_dir(root.path().join("trash")).unwrap().count(), 0);
+}
+
+#[test]
+fn usage_is_measured_live_for_active_and_at_commit_for_committed() {
+    let (root, s) = open();
+    let mounts = s.prepare(Kind::Active, "k", "", Labels::new()).unwrap();
+    let fs_dir = PathBuf::from(&mounts[0].source);
+    let empty = s.usage("k").unwrap();
+    assert_eq!(empty.inodes, 1);
+    fs::write(fs_dir.join("f"), vec![7u8; 64 << 10]).unwrap();
+    let written = s.usage("k").unwrap();
+    assert_eq!(written.inodes, 2);
+    assert!(written.size >= empty.size + (64 << 10), "{written:?}");
+    s.commit("n", "k", Labels::new()).unwrap();
+    assert_eq!(s.usage("n").unwrap(), written);
+    // Committed usage is the recorded one, not measured again.
+    fs::write(root.path().join("snapshots/1/fs/g"), b"late").unwrap();
+    assert_eq!(s.usage("n").unwrap(), written);
+}
+
+#[test]
+fn update_changes_labels_as_containerd_does() {
+    let (_root, s) = open();
+    let start = Labels::from([("a".into(), "1".into()), ("b".into(), "2".into())]);
+    s.prepare(Kind::Active, "k", "", start).unwrap();
+    let given = |pairs: &[(&str, &str)]| Info {
+        name: "k".into(),
+        labels: pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect(),
+        ..Info::default()
+    };
+    let labels = |s: &Snapshots| -> Vec<(String, String)> {
+        s.stat("k").unwrap().record.labels.into_iter().collect()
+    };
+    let pair = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+
+    s.update(&given(&[("b", "3"), ("c", "4")]), &["labels.b".into()])
+        .unwrap();
+    assert_eq!(labels(&s), [pair("a", "1"), pair("b", "3")]);
+    s.update(&given(&[]), &["labels.a".into()]).unwrap();
+    assert_eq!(labels(&s), [pair("b", "3")]);
+    s.update(&given(&[("x", "y")]), &["labels".into()]).unwrap();
+    assert_eq!(labels(&s), [pair("x", "y")]);
+    s.update(&given(&[("z", "1")]), &[]).unwrap();
+    assert_eq!(labels(&s), [pair("z", "1")]);
+
+    let before = s.stat("k").unwrap();
+    let err = s.update(&given(&[]), &["parent".into()]).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert_eq!(s.stat("k").unwrap(), before);
+    let huge = "v".repeat(MAX_LABEL_BYTES);
+    let err = s.update(&given(&[("k", &huge)]), &[]).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let missing = Info {
+        name: "nope".into(),
+        ..Info::default()
+    };
+    assert!(matches!(
+        s.update(&missing, &[]),
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[test]
+fn empty_names_are_invalid() {
+    let (_root, s) = open();
+    let err = s.prepare(Kind::Active, "", "", Labels::new()).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    s.prepare(Kind::Active, "k", "", Labels::new()).unwrap();
+    let err = s.commit("", "k", Labels::new()).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
+
+/// What a process killed at any point of Prepare, Commit or Remove leaves:
+/// a staged directory, a placed directory whose record never committed,
+/// a forgotten record whose directory remains, a half-emptied trash.
+#[test]
+fn reopening_after_a_crash_keeps_records_and_deletes_orphans() {
+    let root = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let before = {
+        let s = Snapshots::open(root.path()).unwrap();
+        layer(&s, work.path(), "base", "", &[("a", "1")]);
+        s.prepare(Kind::Active, "c", "base", Labels::new()).unwrap();
+        keys(&s)
+    };
+    let r = root.path();
+    fs::create_dir_all(r.join("staging/new-crashed/fs")).unwrap();
+    fs::create_dir_all(r.join("snapshots/3/fs/etc")).unwrap(); // placed, never recorded
+    fs::create_dir_all(r.join("snapshots/40/work")).unwrap(); // forgotten, not deleted
+    fs::create_dir_all(r.join("trash/17/fs/usr")).unwrap();
+
+    let s = Snapshots::open(root.path()).unwrap();
+    assert_eq!(keys(&s), before);
+    assert_eq!(snapshot_dirs(root.path()), ["1", "2"]);
+    for dir in ["staging", "trash"] {
+        assert_eq!(fs::read_dir(r.join(dir)).unwrap().count(), 0, "{dir}");
+    }
+    // And it goes on working: the next id is past every id ever handed out.
+    let c2 = s
+        .prepare(Kind::Active, "c2", "base", Labels::new())
+        .unwrap();
+    assert!(
+        c2[0].options.iter().any(|o| o.contains("/snapshots/3/fs")),
+        "{c2:?}"
+    );
+    assert_eq!(fs::read_to_string(r.join("snapshots/1/fs/a")).unwrap(), "1");
+}
+
+#[test]
+fn cleanup_sweeps_orphans_while_serving() {
+    let (root, s) = open();
+    s.prepare(Kind::Active, "k", "", Labels::new()).unwrap();
+    fs::create_dir_all(root.path().join("snapshots/99/fs")).unwrap();
+    s.cleanup().unwrap();
+    assert_eq!(snapshot_dirs(root.path()), ["1"]);
+}
+
+#[test]
+fn concurrent_prepares_of_one_key_have_one_winner() {
+    const RACERS: usize = 8;
+    let (root, s) = open();
+    let s = Arc::new(s);
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let racers: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let (s, barrier) = (Arc::clone(&s), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.prepare(Kind::Active, "same", "", Labels::new())
+            })
+        })
+        .collect();
+    let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+    let winners = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(winners, 1, "{results:?}");
+    for result in &results {
+        if let Err(err) = result {
+            assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+        }
+    }
+    assert_eq!(snapshot_dirs(root.path()).len(), 1);
+    assert_eq!(
+        fs::read_dir(root.path().join("staging")).unwrap().count(),
+        0
+    );
+}
+
+#[test]
+fn concurrent_commit_and_remove_of_one_key_leave_one_consistent_outcome() {
+    for round in 0..20 {
+        let (root, s) = open();
+        let s = Arc::new(s);
+        let mounts = s.prepare(Kind::Active, "k", "", Labels::new()).unwrap();
+        for i in 0..50 {
+            fs::write(Path::new(&mounts[0].source).join(i.to_string()), b"x").unwrap();
+        }
+        let barrier = Arc::new(Barrier::new(2));
+        let committer = {
+            let (s, barrier) = (Arc::clone(&s), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.commit("n", "k", Labels::new())
+            })
+        };
+        barrier.wait();
+        let removed = s.remove("k");
+        let committed = committer.join().unwrap();
+        match (&committed, &removed) {
+            (Ok(()), Err(Error::NotFound { .. })) => {
+                assert_eq!(keys(&s), [("n".to_owned(), Kind::Committed, None)]);
+                assert_eq!(snapshot_dirs(root.path()), ["1"]);
+            }
+            (Err(Error::NotFound { .. }), Ok(())) => {
+                assert!(keys(&s).is_empty());
+                assert!(snapshot_dirs(root.path()).is_empty());
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn something_mounted_in_the_trash_neither_stops_opening_nor_gets_deleted() {
+    let root = tempfile::tempdir().unwrap();
+    drop(Snapshots::open(root.path()).unwrap());
+    let mounted = root.path().join("trash/5/fs");
+    fs::create_dir_all(&mounted).unwrap();
+    let source = tempfile::tempdir().unwrap();
+    fs::write(source.path().join("precious"), b"keep").unwrap();
+    rustix::mount::mount_bind(source.path(), &mounted).unwrap();
+    let unmount = MountGuard::new(&mounted);
+
+    let s = Snapshots::open(root.path()).unwrap();
+    assert_eq!(fs::read(source.path().join("precious")).unwrap(), b"keep");
+    assert!(matches!(s.cleanup(), Err(Error::MountedBelow { .. })));
+    drop(unmount);
+    s.cleanup().unwrap();
+    assert_eq!(fs::read_dir(root.path().join("trash")).unwrap().count(), 0);
+    assert_eq!(fs::read(source.path().join("precious")).unwrap(), b"keep");
+}

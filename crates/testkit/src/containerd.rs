@@ -1,0 +1,335 @@
+//! A real containerd for tests (Debian package `containerd`, 1.6): a plain
+//! process with its root, state, sockets and log in a temp dir of its own,
+//! CRI disabled, optionally with proxy snapshotters (`[proxy_plugins]`).
+//!
+//! [`Containerd::start`] returns once `ctr version` answers. Dropping it,
+//! also when a test fails, kills containerd, the shims it started and
+//! their containers, undoes the mounts they left below the temp dir, and
+//! deletes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+
+use crate::process::{ChildGuard, MountGuard, mounts_under, try_run};
+
+/// The containerd namespace [`Containerd::ctr`] uses.
+pub const NAMESPACE: &str = "darter-test";
+/// How long containerd may take to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the processes it leaves may take to die.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// containerd did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerdError {
+    #[error("cannot {what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("containerd exited with {status} before answering; its log:\n{log}")]
+    Exited { status: ExitStatus, log: String },
+    #[error("containerd does not answer after {timeout:?}; its log:\n{log}")]
+    Timeout { timeout: Duration, log: String },
+}
+
+/// A running containerd; everything it started dies with it on drop.
+#[derive(Debug)]
+pub struct Containerd {
+    // Fields drop in order: the process group first, then the directory
+    // (after `Drop::drop` has cleaned up the rest).
+    process: ChildGuard,
+    socket: PathBuf,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Containerd {
+    /// Starts containerd with snapshotters `(name, socket)` registered as
+    /// proxy plugins (containerd connects to them lazily, so they may start
+    /// later) and waits until it answers.
+    pub fn start(proxy_snapshotters: &[(&str, &Path)]) -> Result<Containerd, ContainerdError> {
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ContainerdError::Io { what, path, source }
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("darter-containerd-")
+            .tempdir()
+            .map_err(io("create a temp dir for", Path::new("containerd")))?;
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_toml(dir.path(), proxy_snapshotters))
+            .map_err(io("write", &config))?;
+        let log_path = dir.path().join("containerd.log");
+        let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(io("reopen", &log_path))?)
+            .stderr(log);
+        let process = ChildGuard::spawn(&mut cmd).map_err(io("start", Path::new("containerd")))?;
+        let mut started = Containerd {
+            process,
+            socket,
+            dir: Some(dir),
+        };
+        started.wait_until_answering()?;
+        Ok(started)
+    }
+
+    fn wait_until_answering(&mut self) -> Result<(), ContainerdError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut delay = Duration::from_millis(5);
+        loop {
+            if let Ok(Some(status)) = self.process.child().try_wait() {
+                return Err(ContainerdError::Exited {
+                    status,
+                    log: self.log(),
+                });
+            }
+            if self.socket.exists() && try_run(&mut self.ctr(["version"])).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ContainerdError::Timeout {
+                    timeout: START_TIMEOUT,
+                    log: self.log(),
+                });
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
+    /// Everything containerd logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// containerd's temp dir (root, state, sockets, log).
+    pub fn path(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), |d| d.path())
+    }
+
+    /// `ctr --address SOCKET --namespace darter-test ARGS`.
+    pub fn ctr<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut ctr = Command::new("ctr");
+        ctr.arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", NAMESPACE])
+            .args(args);
+        ctr
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims run in process groups of their own, and the containers
+        // below them: find them before killing containerd reparents them.
+        let strays = self.started_processes();
+        if let Some(group) = i32::try_from(self.process.id())
+            .ok()
+            .and_then(Pid::from_raw)
+        {
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
+        }
+        kill_all(&strays);
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        while strays.iter().any(|&pid| is_running(pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Some(dir) = self.dir.take() else { return };
+        // Container root filesystems and containerd's temporary mounts,
+        // deepest first.
+        let mut mounts = mounts_under(dir.path()).unwrap_or_default();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        drop(mounts.into_iter().map(MountGuard::new).collect::<Vec<_>>());
+        match mounts_under(dir.path()) {
+            Ok(left) if left.is_empty() => drop(dir),
+            left => {
+                // Deleting would reach into whatever is still mounted.
+                let kept = dir.keep();
+                tracing::warn!(path = %kept.display(), ?left, "mounts left; keeping containerd's directory");
+            }
+        }
+    }
+}
+
+impl Containerd {
+    /// The shims serving this containerd (named by its socket on their
+    /// command line) and all their descendants.
+    fn started_processes(&self) -> BTreeSet<u32> {
+        let table = process_table();
+        let address = self.socket.as_os_str().as_encoded_bytes();
+        let mut found: BTreeSet<u32> = table
+            .iter()
+            .filter(|(_, (_, cmdline))| {
+                cmdline
+                    .split(|&b| b == 0)
+                    .any(|arg| arg == address || arg.ends_with(address))
+            })
+            .map(|(&pid, _)| pid)
+            .filter(|&pid| pid != self.process.id())
+            .collect();
+        loop {
+            let more: Vec<u32> = table
+                .iter()
+                .filter(|(pid, (ppid, _))| found.contains(ppid) && !found.contains(pid))
+                .map(|(&pid, _)| pid)
+                .collect();
+            if more.is_empty() {
+                return found;
+            }
+            found.extend(more);
+        }
+    }
+}
+
+/// Every process: pid → (parent pid, command line).
+fn process_table() -> BTreeMap<u32, (u32, Vec<u8>)> {
+    let mut table = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return table;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if let Some(ppid) = ppid {
+            table.insert(pid, (ppid, cmdline));
+        }
+    }
+    table
+}
+
+fn kill_all(pids: &BTreeSet<u32>) {
+    for &pid in pids {
+        if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// containerd's config: everything below `dir`, CRI off, the proxies.
+fn config_toml(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> String {
+    let socket = dir.join("containerd.sock");
+    let mut toml = format!(
+        "version = 2\n\
+         root = {root}\n\
+         state = {state}\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = {grpc}\n\
+         [ttrpc]\n  address = {ttrpc}\n\
+         [debug]\n  address = \"\"\n\
+         [metrics]\n  address = \"\"\n",
+        root = toml_string(&dir.join("root")),
+        state = toml_string(&dir.join("state")),
+        grpc = toml_string(&socket),
+        ttrpc = toml_string(&socket.with_extension("sock.ttrpc")),
+    );
+    for (name, address) in proxy_snapshotters {
+        toml += &format!(
+            "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n",
+            name = toml_string(Path::new(name)),
+            address = toml_string(address),
+        );
+    }
+    toml
+}
+
+/// A TOML basic string (JSON's string syntax is one).
+fn toml_string(path: &Path) -> String {
+    serde_json::Value::from(path.to_string_lossy()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_keeps_everything_in_its_directory_and_names_the_proxies() {
+        let dir = Path::new("/t/ctd \"1\"");
+        let toml = config_toml(dir, &[("darter", Path::new("/t/snap.sock"))]);
+        for needle in [
+            r#"root = "/t/ctd \"1\"/root""#,
+            r#"state = "/t/ctd \"1\"/state""#,
+            r#"address = "/t/ctd \"1\"/containerd.sock""#,
+            r#"address = "/t/ctd \"1\"/containerd.sock.ttrpc""#,
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#,
+            "[proxy_plugins.\"darter\"]\n  type = \"snapshot\"\n  address = \"/t/snap.sock\"",
+        ] {
+            assert!(toml.contains(needle), "{needle} in\n{toml}");
+        }
+    }
+
+    /// A real containerd answers, runs nothing after drop, and leaves no
+    /// directory behind.
+    #[test]
+    fn containerd_starts_answers_and_is_gone_after_drop() {
+        let containerd = Containerd::start(&[]).unwrap();
+        let version = crate::process::run(&mut containerd.ctr(["version"]));
+        assert!(String::from_utf8_lossy(&version.stdout).contains("Server:"));
+        let plugins = crate::process::run(&mut containerd.ctr(["plugins", "ls"]));
+        let plugins = String::from_utf8_lossy(&plugins.stdout).into_owned();
+        let cri = |line: &str| {
+            line.split_whitespace()
+                .take(2)
+                .eq(["io.containerd.grpc.v1", "cri"])
+        };
+        assert!(
+            plugins
+                .lines()
+                .any(|l| l.starts_with("io.containerd.grpc.v1")),
+            "{plugins}"
+        );
+        assert!(!plugins.lines().any(cri), "{plugins}");
+        let pid = containerd.pid();
+        let dir = containerd.path().to_path_buf();
+        drop(containerd);
+        assert!(!is_running(pid));
+        assert!(!dir.exists());
+    }
+}
