@@ -1,12 +1,13 @@
 //! Serving file bytes of a Darter image from a verified chunk cache.
 //!
-//! Owns: the on-disk chunk cache shared by every mount ([`CacheDir`]: one
-//! file per chunk digest, atomic writes, verification on every read,
-//! LRU garbage collection), and the [`ChunkStore`] that answers "bytes
-//! `[off, off+len)` of this file": memory, then disk, then the backend,
-//! fetching missing frames in merged ranged requests, in parallel, with
-//! concurrent readers of one frame waiting on a single fetch, and an
-//! optional background prefetch of everything.
+//! Owns: the on-disk chunk cache shared by every mount ([`CacheDir`]:
+//! chunks appended to pack files and found through an in-memory index,
+//! verification on every read, LRU garbage collection of whole packs), and
+//! the [`ChunkStore`] that answers "bytes `[off, off+len)` of this file":
+//! memory, then disk, then the backend, fetching missing frames in merged
+//! ranged requests, in parallel, with concurrent readers of one frame
+//! waiting on a single fetch, and an optional background prefetch of
+//! everything.
 //!
 //! Must not: know about FUSE or HTTP (backends are `darter_image::BlobSource`),
 //! or return a byte that did not match its chunk digest.
@@ -15,6 +16,7 @@
 
 mod disk;
 mod memory;
+mod pack;
 mod stats;
 mod store;
 

@@ -149,53 +149,6 @@ impl Flight {
     }
 }
 
-/// Which chunks the disk cache holds: learnt by one scan of the cache
-/// directory when the store starts and kept current by the store's own
-/// writes, so a miss - nearly every lookup of a fresh mount - costs no
-/// disk access. Until the scan is done, every chunk may be present.
-#[derive(Debug, Default)]
-struct Presence {
-    known: std::sync::RwLock<(bool, std::collections::HashSet<Digest>)>,
-}
-
-impl Presence {
-    fn learn(&self, disk: &CacheDir) {
-        match disk.digests() {
-            Ok(found) => {
-                let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
-                known.1.extend(found);
-                known.0 = true;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list the disk cache; checking it chunk by chunk");
-            }
-        }
-    }
-
-    /// True when the chunk is known to be cached (or queued for it).
-    fn surely(&self, digest: &Digest) -> bool {
-        self.known
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .contains(digest)
-    }
-
-    /// False only when the chunk is surely not cached.
-    fn maybe(&self, digest: &Digest) -> bool {
-        let known = self.known.read().unwrap_or_else(|e| e.into_inner());
-        !known.0 || known.1.contains(digest)
-    }
-
-    fn add(&self, digest: Digest) {
-        self.known
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .1
-            .insert(digest);
-    }
-}
-
 /// Where the last read of each recently read file ended, to tell
 /// sequential reads (worth reading ahead) from scattered ones (page faults
 /// in a mapped library: reading ahead would fetch bytes nobody reads).
@@ -233,7 +186,6 @@ pub struct ChunkStore<S> {
     disk: Option<CacheDir>,
     memory: Mutex<MemoryLru>,
     writer: Mutex<Option<CacheWriter>>,
-    presence: Arc<Presence>,
     raw: Mutex<RawFrames>,
     flights: Mutex<HashMap<FrameKey, Arc<Flight>>>,
     streams: Streams,
@@ -265,17 +217,15 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         let writer = disk
             .clone()
             .map(|d| CacheWriter::spawn(d, CACHE_WRITE_BUDGET));
-        let presence = Arc::new(Presence::default());
         if let Some(d) = disk.clone() {
-            let presence = presence.clone();
-            std::thread::spawn(move || presence.learn(&d));
+            // Index the cache now rather than at the first read.
+            std::thread::spawn(move || d.load_index());
         }
         ChunkStore {
             image,
             disk,
             memory: Mutex::new(MemoryLru::new(opts.memory_bytes)),
             writer: Mutex::new(writer),
-            presence,
             raw: Mutex::new(RawFrames::new(opts.raw_bytes)),
             flights: Mutex::new(HashMap::new()),
             streams: Streams::default(),
@@ -312,15 +262,22 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         drop(self.writer.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
-    /// True if chunk `digest` may be in the disk cache (cheap when not).
+    /// The chunk if it is queued for the disk cache.
+    fn queued(&self, digest: &Digest) -> Option<Arc<Vec<u8>>> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|w| w.pending(digest))
+    }
+
+    /// True if chunk `digest` is in the disk cache or queued for it (an
+    /// in-memory lookup).
     fn on_disk(&self, digest: &Digest) -> bool {
-        self.presence.surely(digest)
-            || (self.presence.maybe(digest)
-                && self.disk.as_ref().is_some_and(|d| d.contains(digest)))
+        self.queued(digest).is_some() || self.disk.as_ref().is_some_and(|d| d.contains(digest))
     }
 
     fn store_on_disk(&self, digest: Digest, data: &Arc<Vec<u8>>) {
-        self.presence.add(digest);
         let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         match (writer.as_ref(), &self.disk) {
             (Some(w), _) => w.put(digest, data),
@@ -464,15 +421,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         {
             return Some(data);
         }
-        if !self.presence.maybe(&digest) {
-            return None;
-        }
-        let queued = self
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .and_then(|w| w.pending(&digest));
+        let queued = self.queued(&digest);
         if queued.is_some() {
             return queued;
         }
@@ -508,7 +457,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         let mut n = from_chunk;
         while n * cs < limit && n < inode.chunk_count(BLOCK_BITS) {
             if let Ok(Some(w)) = self.wanted(inode, n)
-                && !self.presence.surely(&self.digest(&w))
+                && !self.on_disk(&self.digest(&w))
             {
                 out.push(w);
             }
@@ -745,9 +694,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
                 break;
             }
             let key = (range.blob, r.compressed_offset);
-            let cached = members
-                .clone()
-                .any(|i| self.presence.surely(&table.digest(i)));
+            let cached = members.clone().any(|i| self.on_disk(&table.digest(i)));
             if cached
                 || self
                     .raw
@@ -968,11 +915,7 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
                     continue;
                 }
                 last_frame = Some(r.compressed_offset);
-                let cached = self
-                    .disk
-                    .as_ref()
-                    .is_some_and(|_| self.on_disk(&table.digest(index)));
-                if cached {
+                if self.on_disk(&table.digest(index)) {
                     continue;
                 }
                 batch.insert((blob, r.compressed_offset));

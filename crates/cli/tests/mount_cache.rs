@@ -18,7 +18,8 @@ use common::darter;
 use darter_testkit::process::{run, wait_until};
 use darter_testkit::tree::TrickyTree;
 use mount_common::{
-    BuiltImage, Work, assert_mount_matches, cached_chunks, locate_chunk, noise_files, timed,
+    BuiltImage, PACK_HEADER_LEN, Work, assert_mount_matches, cached_chunks, locate_chunk,
+    noise_files, timed,
 };
 
 const KIB: usize = 1 << 10;
@@ -171,7 +172,7 @@ fn cache_gc_under_a_running_mount_shrinks_the_cache_and_reads_stay_correct() {
             common::num(&report, "/after"),
             common::num(&report, "/removed")
         ),
-        (8 * 512 * KIB as u64, 0, 8),
+        (8 * (512 * KIB as u64 + PACK_HEADER_LEN), 0, 8),
         "{report}"
     );
     assert!(cached_chunks(&cache).is_empty());

@@ -10,13 +10,15 @@
 mod common;
 mod mount_common;
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
 
-use common::{flip_byte, noise, truncate, write_file};
+use common::{flip_byte, noise, write_file};
 use darter_testkit::process::wait_until;
 use mount_common::{
-    BuiltImage, DAEMON_TIMEOUT, Mounted, Work, assert_eio, assert_mount_matches, cached_chunk_path,
-    cached_chunks, locate_chunk, noise_files, sha256_hex,
+    BuiltImage, CachedChunk, DAEMON_TIMEOUT, Mounted, Work, assert_eio, assert_mount_matches,
+    cached_chunk_location, cached_chunks, locate_chunk, noise_files, sha256_hex,
 };
 
 const KIB: usize = 1 << 10;
@@ -107,7 +109,7 @@ fn flipped_byte_in_a_blob_fails_only_the_affected_file_with_eio() {
     for (name, chunk) in &victims {
         let content = &files.iter().find(|(p, _)| p == name).unwrap().1;
         assert!(
-            !cached_chunk_path(&cache, content).exists(),
+            cached_chunk_location(&cache, content).is_none(),
             "a damaged chunk of {name} reached the cache"
         );
         for needle in [
@@ -123,17 +125,20 @@ fn flipped_byte_in_a_blob_fails_only_the_affected_file_with_eio() {
     }
 }
 
-/// (file, how its cache file is damaged).
-type Damage = (&'static str, fn(&Path));
+/// (file, how its record's bytes in the cache pack are damaged).
+type Damage = (&'static str, fn(&CachedChunk));
 
 const CACHE_DAMAGE: &[Damage] = &[
-    ("flipped", |p| flip_byte(p, 1000)),
-    ("truncated", |p| truncate(p, 100)),
-    ("emptied", |p| truncate(p, 0)),
-    ("extended", |p| {
-        let mut data = std::fs::read(p).unwrap();
-        data.push(0);
-        std::fs::write(p, data).unwrap();
+    ("flipped", |c| flip_byte(&c.pack, c.offset + 1000)),
+    ("first-byte", |c| flip_byte(&c.pack, c.offset)),
+    ("last-byte", |c| flip_byte(&c.pack, c.offset + c.len - 1)),
+    ("zeroed", |c| {
+        let pack = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.pack)
+            .unwrap();
+        pack.write_all_at(&vec![0; c.len as usize], c.offset)
+            .unwrap();
     }),
 ];
 
@@ -153,7 +158,7 @@ fn damaged_cached_chunks_are_dropped_and_fetched_again() {
     }
     for (name, damage) in CACHE_DAMAGE {
         let content = std::fs::read(source.join(name)).unwrap();
-        damage(&cached_chunk_path(&cache, &content));
+        damage(&cached_chunk_location(&cache, &content).unwrap());
     }
 
     // A new mount has neither page cache nor memory cache: it must go to disk.
@@ -164,9 +169,10 @@ fn damaged_cached_chunks_are_dropped_and_fetched_again() {
             std::fs::read(second.join(name)).unwrap() == content,
             "{name}: wrong bytes"
         );
-        // The repaired chunk is written by the daemon's background writer.
+        // The damaged record is marked dead and the chunk appended again by
+        // the daemon's background writer.
         wait_until(DAEMON_TIMEOUT, "the cache to be repaired", || {
-            std::fs::read(cached_chunk_path(&cache, &content)).is_ok_and(|c| c == content)
+            cached_chunk_location(&cache, &content).is_some_and(|c| c.bytes() == content)
         });
     }
     let stats = second.stats();
@@ -184,18 +190,29 @@ fn damaged_cached_chunks_are_dropped_and_fetched_again() {
     assert_eq!(dropped, CACHE_DAMAGE.len(), "{log}");
 }
 
-/// Every chunk file in `cache` holds exactly the bytes its name is the
-/// sha256 of.
+/// Every record the cache would serve holds exactly the bytes its digest
+/// is the sha256 of.
 fn assert_cache_consistent(cache: &Path) {
-    for (path, _) in cached_chunks(cache) {
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+    for chunk in cached_chunks(cache) {
+        assert_eq!(chunk.algo, 2, "{chunk:?}");
         assert_eq!(
-            sha256_hex(&std::fs::read(&path).unwrap()),
-            name,
-            "{}",
-            path.display()
+            sha256_hex(&chunk.bytes()),
+            hex::encode(chunk.digest),
+            "{chunk:?}"
         );
     }
+}
+
+/// Every pack in `cache` and its size.
+fn pack_sizes(cache: &Path) -> BTreeMap<PathBuf, u64> {
+    std::fs::read_dir(cache.join("packs"))
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let size = std::fs::metadata(&path).unwrap().len();
+            (path, size)
+        })
+        .collect()
 }
 
 #[test]
@@ -237,6 +254,7 @@ fn daemon_killed_while_filling_its_cache_leaves_no_chunk_served_wrong() {
         "the daemon finished before it was killed"
     );
     assert_cache_consistent(&cache);
+    let left = pack_sizes(&cache);
 
     // The next mount on the stale mountpoint with the same cache.
     let again = Mounted::foreground(&image.reference, &mountpoint, &cache, &[]);
@@ -244,4 +262,9 @@ fn daemon_killed_while_filling_its_cache_leaves_no_chunk_served_wrong() {
     let stats = again.stats();
     assert_eq!(stats.verify_failures, 0, "{stats:?}");
     assert_cache_consistent(&cache);
+    // It appended to packs of its own, not after a torn tail.
+    let now = pack_sizes(&cache);
+    for (pack, size) in &left {
+        assert_eq!(now.get(pack), Some(size), "{}", pack.display());
+    }
 }

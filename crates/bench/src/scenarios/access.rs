@@ -68,7 +68,7 @@ pub const SETTLE_METHOD: &str = "Between the cold run and the warm ones, the bac
 
 /// How the breakdown tables are made, for the report.
 pub const BREAKDOWN_METHOD: &str = "Breakdown: the cold Darter run is repeated (in the same \
-    alternating rounds) with the chunk cache on a tmpfs, which takes away writing chunk files \
+    alternating rounds) with the chunk cache on a tmpfs, which takes away writing the chunk cache \
     to ext4, and then also with the image's blobs read into the page cache beforehand, which \
     takes away reading the backend from disk. What remains over the baseline is the daemon's \
     work (decompression, verification, FUSE round trips) and waiting on it; its CPU time is \
@@ -109,7 +109,7 @@ impl ColdSetup {
     fn removes(self) -> &'static str {
         match self {
             ColdSetup::OnDisk => "",
-            ColdSetup::CacheInMemory => " (writing chunk files to ext4)",
+            ColdSetup::CacheInMemory => " (writing the chunk cache to ext4)",
             ColdSetup::CacheAndBlobsInMemory => " (reading blobs from disk)",
         }
     }

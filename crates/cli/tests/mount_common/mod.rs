@@ -12,6 +12,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Write as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -120,7 +121,7 @@ impl BuiltImage {
         num(&self.inspect, "/stored_bytes")
     }
 
-    /// Unique chunks of the image (one cache file each).
+    /// Unique chunks of the image (one cache record each).
     pub fn unique_chunks(&self) -> u64 {
         num(&self.inspect, "/unique_chunks")
     }
@@ -547,31 +548,98 @@ pub fn metadata_bytes(inspect: &Value) -> u64 {
     num(inspect, "/bootstrap_bytes") + tables
 }
 
-/// The cache file of chunk `chunk` (an image built with `--digest sha256`).
-pub fn cached_chunk_path(cache: &Path, chunk: &[u8]) -> PathBuf {
-    let hex = sha256_hex(chunk);
-    cache.join("chunks/sha256").join(&hex[..2]).join(hex)
+/// A chunk record in a pack of the chunk cache, as docs/format.md
+/// (section 8) defines them, parsed here independently of `darter-cache`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedChunk {
+    /// The pack file.
+    pub pack: PathBuf,
+    /// Where the chunk's bytes start in the pack (after the record header).
+    pub offset: u64,
+    /// How many bytes.
+    pub len: u64,
+    /// The digest algorithm code (1 blake3, 2 sha256).
+    pub algo: u8,
+    /// The chunk digest.
+    pub digest: [u8; 32],
 }
 
-/// Every chunk file in `cache` (name, bytes).
-pub fn cached_chunks(cache: &Path) -> Vec<(PathBuf, u64)> {
+impl CachedChunk {
+    /// The chunk's bytes as they are in the pack now.
+    pub fn bytes(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.len as usize];
+        File::open(&self.pack)
+            .unwrap()
+            .read_exact_at(&mut out, self.offset)
+            .unwrap();
+        out
+    }
+}
+
+/// Length of a pack record's header (docs/format.md, section 8).
+pub const PACK_HEADER_LEN: u64 = 64;
+const PACK_MAX_LEN: u64 = 16 << 20;
+
+/// The record at the start of `bytes`, if it is whole and valid: (live,
+/// algorithm, digest, data length).
+fn pack_record(bytes: &[u8]) -> Option<(bool, u8, [u8; 32], u64)> {
+    let h = bytes.get(..PACK_HEADER_LEN as usize)?;
+    let live = match &h[..8] {
+        b"DARTCHNK" => true,
+        b"DARTDEAD" => false,
+        _ => return None,
+    };
+    let valid = h[8] == 1
+        && matches!(h[9], 1 | 2)
+        && h[10..12] == [0, 0]
+        && h[48..56] == [0; 8]
+        && Sha256::digest(&h[8..56])[..8] == h[56..64];
+    let len = u64::from(u32::from_le_bytes(h[12..16].try_into().unwrap()));
+    let whole = (bytes.len() as u64) >= PACK_HEADER_LEN + len;
+    (valid && len <= PACK_MAX_LEN && whole)
+        .then(|| (live, h[9], h[16..48].try_into().unwrap(), len))
+}
+
+/// Every live, whole record of every pack in `cache`: each pack is read up
+/// to its first record that is not whole or not valid.
+pub fn cached_chunks(cache: &Path) -> Vec<CachedChunk> {
     let mut out = Vec::new();
-    let mut dirs = vec![cache.join("chunks")];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    let Ok(entries) = std::fs::read_dir(cache.join("packs")) else {
+        return out;
+    };
+    for entry in entries {
+        let pack = entry.unwrap().path();
+        if pack.extension() != Some(OsStr::new("pack")) {
+            continue;
+        }
+        // A pack may be removed by gc while we look.
+        let Ok(bytes) = std::fs::read(&pack) else {
             continue;
         };
-        for entry in entries {
-            let entry = entry.unwrap();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                dirs.push(entry.path());
-            } else {
-                out.push((entry.path(), meta.len()));
+        let mut at = 0u64;
+        while let Some((live, algo, digest, len)) = pack_record(&bytes[at as usize..]) {
+            if live {
+                out.push(CachedChunk {
+                    pack: pack.clone(),
+                    offset: at + PACK_HEADER_LEN,
+                    len,
+                    algo,
+                    digest,
+                });
             }
+            at += PACK_HEADER_LEN + len;
         }
     }
     out
+}
+
+/// The live cache record of chunk `chunk` (of an image built with
+/// `--digest sha256`), if any.
+pub fn cached_chunk_location(cache: &Path, chunk: &[u8]) -> Option<CachedChunk> {
+    let want: [u8; 32] = Sha256::digest(chunk).into();
+    cached_chunks(cache)
+        .into_iter()
+        .find(|c| c.algo == 2 && c.digest == want)
 }
 
 /// Runs `f` and says how long it took.
