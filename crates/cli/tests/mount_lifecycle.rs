@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::darter;
-use darter_testkit::process::{free_port, wait_until};
+use darter_testkit::process::{ChildGuard, free_port, wait_until};
 use mount_common::{
     BuiltImage, DAEMON_TIMEOUT, Mounted, Work, api_socket, assert_mount_matches, is_mounted,
     noise_files,
@@ -98,6 +98,61 @@ fn a_foreground_mount_stops_cleanly_on_signals_and_unmounts() {
             "{how}:\n{log}"
         );
     }
+}
+
+/// Regression: a daemon told to stop hung when a copy of its mount lived
+/// on in another mount namespace (made by `unshare`, a container runtime or
+/// `ip netns` while the mount existed): the kernel ends the FUSE session
+/// only once no namespace has the mount, so the unmount on the signal
+/// never ended the daemon's session loop.
+#[test]
+fn a_signal_stops_a_mount_that_lives_on_in_another_mount_namespace() {
+    let work = Work::new();
+    let (_, image) = small_image(&work);
+    let mut mount = work.mount(&image, "mnt", &[]);
+    let mountpoint = mount.path().to_owned();
+    let mut holder = Command::new("unshare");
+    holder.args(["--mount", "--propagation", "private", "sleep", "600"]);
+    let holder = ChildGuard::spawn(&mut holder).unwrap();
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let (ours, holders) = (namespace("self"), holder.id().to_string());
+    let needle = format!(" {} ", mountpoint.display());
+    wait_until(
+        DAEMON_TIMEOUT,
+        "another namespace to have the mount",
+        || {
+            namespace(&holders).is_some_and(|ns| Some(ns) != ours)
+                && std::fs::read_to_string(format!("/proc/{holders}/mountinfo"))
+                    .is_ok_and(|m| m.contains(&needle))
+        },
+    );
+
+    mount.signal(Signal::TERM);
+    let status = mount.wait_exit();
+    assert!(status.success(), "exited with {status}:\n{}", mount.log());
+    assert_gone(&mountpoint);
+    let log = mount.log();
+    assert!(log.contains("another mount namespace"), "{log}");
+    assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
+}
+
+/// Regression: a mountpoint given as a relative path (`darter mount IMAGE
+/// mnt`) kept the FUSE default readahead of 128 KiB, with a warning, since
+/// its parent directory "" could not be resolved.
+#[test]
+fn a_relative_mountpoint_gets_a_readahead_of_one_chunk() {
+    let work = Work::new();
+    let (_, image) = small_image(&work);
+    let mountpoint = work.mountpoint("mnt");
+    let mut cmd =
+        mount_common::mount_command(&image.reference, Path::new("mnt"), &work.cache(), &[]);
+    cmd.current_dir(mountpoint.parent().unwrap());
+    let mount = Mounted::spawn_foreground(cmd, &mountpoint, None);
+    let device = rustix::fs::stat(mount.path()).unwrap().st_dev;
+    let (major, minor) = (rustix::fs::major(device), rustix::fs::minor(device));
+    let readahead =
+        std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap();
+    assert_eq!(readahead.trim(), "1024", "{}", mount.log());
 }
 
 /// Regression: the stale mount was looked for with stat(2), which the

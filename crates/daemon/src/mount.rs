@@ -3,7 +3,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StoreOptions};
@@ -138,7 +138,8 @@ pub fn mount<S: BlobSource + 'static>(
         let listener = TcpListener::bind(addr).map_err(io("listen on", &addr))?;
         spawn_metrics(listener, report);
     }
-    spawn_signal_handler(unmounter, mountpoint.to_owned())?;
+    let shutdown = Arc::new(Shutdown::new(store.clone(), socket, mountpoint.to_owned()));
+    spawn_signal_handler(unmounter, shutdown.clone())?;
     fetch_chunk_tables(&store);
     let prefetch = opts.prefetch_all.then(|| {
         let store = store.clone();
@@ -147,13 +148,82 @@ pub fn mount<S: BlobSource + 'static>(
     tracing::info!(image = image_name, mountpoint = %mountpoint.display(), "mounted");
     ready();
     let result = session.run().map_err(io("serve", &mountpoint.display()));
-    store.stop();
+    shutdown.mark_ended();
+    shutdown.finish();
     if let Some(p) = prefetch {
         let _ = p.join();
     }
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!(mountpoint = %mountpoint.display(), "unmounted");
     result
+}
+
+/// How long a daemon told to stop waits, once its mount is gone from its
+/// own mount namespace, for the kernel to end the FUSE session.
+const SESSION_END_WAIT: Duration = Duration::from_secs(2);
+
+/// The end of a mount's life: what is done once (stop the store, which
+/// writes out the queued cache writes; remove the API socket), and whether
+/// the session loop has returned.
+struct Shutdown<S> {
+    store: Arc<ChunkStore<S>>,
+    socket: PathBuf,
+    mountpoint: PathBuf,
+    finished: Once,
+    ended: Mutex<bool>,
+    ended_changed: Condvar,
+}
+
+impl<S: BlobSource + 'static> Shutdown<S> {
+    fn new(store: Arc<ChunkStore<S>>, socket: PathBuf, mountpoint: PathBuf) -> Self {
+        Shutdown {
+            store,
+            socket,
+            mountpoint,
+            finished: Once::new(),
+            ended: Mutex::new(false),
+            ended_changed: Condvar::new(),
+        }
+    }
+
+    fn finish(&self) {
+        self.finished.call_once(|| {
+            self.store.stop();
+            let _ = std::fs::remove_file(&self.socket);
+            tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
+        });
+    }
+
+    fn mark_ended(&self) {
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.ended_changed.notify_all();
+    }
+
+    /// True if the session loop returned within `timeout`.
+    fn wait_ended(&self, timeout: Duration) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let (ended, _) = self
+            .ended_changed
+            .wait_timeout_while(ended, timeout, |ended| !*ended)
+            .unwrap_or_else(|e| e.into_inner());
+        *ended
+    }
+
+    /// After a signal's unmount: the kernel ends the session once the
+    /// filesystem has no mount left anywhere. A copy of the mount in another
+    /// mount namespace (made by `unshare`, a container runtime, `ip netns`
+    /// while the mount existed) keeps it alive, and the daemon would serve
+    /// it forever although it was told to stop: stop anyway. Exiting closes
+    /// the FUSE connection, so such copies answer ENOTCONN.
+    fn end_after_signal(&self) {
+        if self.wait_ended(SESSION_END_WAIT) {
+            return;
+        }
+        tracing::warn!(
+            mountpoint = %self.mountpoint.display(),
+            "the mount lives on in another mount namespace; stopping anyway"
+        );
+        self.finish();
+        std::process::exit(0);
+    }
 }
 
 fn bind_api(socket: &Path) -> Result<UnixListener, DaemonError> {
@@ -213,9 +283,9 @@ fn spawn_metrics(listener: TcpListener, report: Reporter) {
 }
 
 /// SIGINT and SIGTERM unmount, which ends the session loop cleanly.
-fn spawn_signal_handler(
+fn spawn_signal_handler<S: BlobSource + 'static>(
     unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
-    mountpoint: PathBuf,
+    shutdown: Arc<Shutdown<S>>,
 ) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
@@ -228,7 +298,8 @@ fn spawn_signal_handler(
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "unmounting on signal");
-            unmount_when_idle(&unmounter, &mountpoint);
+            unmount_when_idle(&unmounter, &shutdown.mountpoint);
+            shutdown.end_after_signal();
         }
     });
     Ok(())
