@@ -74,8 +74,13 @@ fn probe(path: &Path) -> rustix::io::Result<rustix::fs::Stat> {
 /// chunk is 1 MiB. The device comes from `/proc/self/mountinfo`, not from
 /// stat(2): a stat would wait for the FUSE session to answer.
 pub fn set_readahead(path: &Path, kib: u32) -> io::Result<()> {
-    let canonical = std::fs::canonicalize(path.parent().unwrap_or(path))?
-        .join(path.file_name().unwrap_or_default());
+    let parent = match path.parent() {
+        // `mnt` has the parent "", which canonicalize refuses.
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => path,
+    };
+    let canonical = std::fs::canonicalize(parent)?.join(path.file_name().unwrap_or_default());
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     // Fields: id parent major:minor root mountpoint ...; the last match is
     // the mount on top.
