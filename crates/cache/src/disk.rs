@@ -421,13 +421,19 @@ impl CacheDir {
             slices.push(IoSlice::new(data));
         }
         let written = write_all_vectored(&pack.file, &mut slices);
-        let _ = rustix::fs::flock(&pack.file, FlockOperation::Unlock);
         if let Err(e) = written {
-            // Whatever part was written is a torn tail: no more appends here.
+            // An append that wrote nothing (a full disk) leaves the pack as
+            // it was; whatever part was written is a torn tail: no more
+            // appends there.
+            let untouched = pack.file.metadata().is_ok_and(|m| m.len() == start);
+            let _ = rustix::fs::flock(&pack.file, FlockOperation::Unlock);
             let path = self.pack_path(&pack.name);
-            *writing = None;
+            if !untouched {
+                *writing = None;
+            }
             return Err(io_err("append to", &path)(e));
         }
+        let _ = rustix::fs::flock(&pack.file, FlockOperation::Unlock);
         let mut offset = start;
         let mut index = self.index_mut();
         for (digest, data) in &fresh {
@@ -904,6 +910,25 @@ pub struct CacheWriter {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Cache write failures are logged at most this often (a full disk fails
+/// every write; the chunks are still served, from memory).
+const WRITE_WARNING_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs a failed cache write, unless one was logged less than
+/// [`WRITE_WARNING_INTERVAL`] ago; says how many went unlogged meanwhile.
+fn warn_write_failure(e: &CacheError) {
+    static LAST_WARNED: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = lock(&LAST_WARNED);
+    match last.as_mut() {
+        Some((at, unlogged)) if at.elapsed() < WRITE_WARNING_INTERVAL => *unlogged += 1,
+        _ => {
+            let unlogged = last.map_or(0, |(_, n)| n);
+            tracing::warn!(error = %e, unlogged_failures = unlogged, "cannot write to the disk cache");
+            *last = Some((Instant::now(), 0));
+        }
+    }
+}
+
 /// The chunks a [`CacheWriter`] has queued, and their bytes in all.
 #[derive(Debug, Default)]
 struct Pending {
@@ -927,7 +952,7 @@ impl Pending {
         };
         let slices: Vec<(Digest, &[u8])> = chunks.iter().map(|(d, c)| (*d, &c[..])).collect();
         if let Err(e) = cache.put_all(&slices) {
-            tracing::warn!(error = %e, "cannot write to the disk cache");
+            warn_write_failure(&e);
         }
         let mut pending = self.lock();
         for (digest, data) in &chunks {
@@ -984,7 +1009,7 @@ impl CacheWriter {
             return;
         }
         if let Err(e) = self.cache.put(&digest, data) {
-            tracing::warn!(error = %e, "cannot write to the disk cache");
+            warn_write_failure(&e);
         }
     }
 

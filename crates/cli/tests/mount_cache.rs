@@ -2,7 +2,7 @@
 //! readers of the whole tree get correct data, `--prefetch all` fills the
 //! shared cache in the background while on-demand reads go first, and
 //! `darter cache gc` trims the cache under a running mount without
-//! breaking it.
+//! breaking it, and a full cache disk costs only the caching.
 
 // Helpers are test code too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -194,4 +194,34 @@ fn cache_gc_under_a_running_mount_shrinks_the_cache_and_reads_stay_correct() {
     let second = work.mount(&image, "second", &[]);
     assert_mount_matches(&source, second.path());
     assert_eq!(second.stats().verify_failures, 0);
+}
+
+/// Regression: with the cache's disk full, every failed append made a new,
+/// empty pack file and logged a warning: a full disk grew a file and a log
+/// line per chunk. A full cache disk costs only the caching: reads are
+/// right, the packs stay few, the warnings rare.
+#[test]
+fn a_full_cache_disk_costs_only_the_caching() {
+    let work = Work::new();
+    let source = work.path("source");
+    let files: Vec<(String, usize)> = (0..24).map(|i| (format!("f{i}"), 300 * KIB)).collect();
+    let files: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    noise_files(&source, &files);
+    let image = BuiltImage::build(&source, &work.path("layout"), &["--compressor", "none"]);
+    let cache = work.cache();
+    std::fs::create_dir_all(&cache).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&cache));
+    let _cache_mount = darter_testkit::process::MountGuard::new(&cache);
+
+    let mount = work.mount(&image, "mnt", &[]);
+    assert_mount_matches(&source, mount.path());
+    drop(mount);
+    let packs = std::fs::read_dir(cache.join("packs")).unwrap().count();
+    assert!(packs <= 2, "{packs} pack files for a full disk");
+    // The foreground daemon's log, beside its mountpoint (it has exited).
+    let log = std::fs::read_to_string(work.mountpoint("mnt").with_file_name("mnt.log")).unwrap();
+    let warnings = log.matches("cannot write to the disk cache").count();
+    assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
 }
