@@ -134,17 +134,24 @@ fn prefetch_all_fills_the_cache_in_the_background_while_reads_go_first() {
     assert_eq!(done.verify_failures, 0, "{done:?}");
 }
 
+/// Writes `count` files of `size` noise bytes, `f00`, `f01`, ..., into
+/// `source`; returns their names.
+fn equal_files(source: &std::path::Path, count: usize, size: usize) -> Vec<String> {
+    let names: Vec<String> = (0..count).map(|i| format!("f{i:02}")).collect();
+    let files: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), size)).collect();
+    noise_files(source, &files);
+    names
+}
+
 #[test]
 fn cache_gc_under_a_running_mount_shrinks_the_cache_and_reads_stay_correct() {
     let work = Work::new();
     let source = work.path("source");
-    let files: Vec<(String, usize)> = (0..16).map(|i| (format!("f{i:02}"), 512 * KIB)).collect();
-    let files: Vec<(&str, usize)> = files.iter().map(|(n, s)| (n.as_str(), *s)).collect();
-    noise_files(&source, &files);
+    let files = equal_files(&source, 16, 512 * KIB);
     let image = BuiltImage::build(&source, &work.path("layout"), &[]);
     let cache = work.cache();
     let mount = work.mount(&image, "mnt", &[]);
-    for (name, _) in &files[..8] {
+    for name in &files[..8] {
         std::fs::read(mount.join(name)).unwrap();
     }
     // Chunks reach the disk cache from a background writer.
@@ -177,7 +184,7 @@ fn cache_gc_under_a_running_mount_shrinks_the_cache_and_reads_stay_correct() {
     );
     assert!(cached_chunks(&cache).is_empty());
 
-    for (name, _) in &files {
+    for name in &files {
         let expected = std::fs::read(source.join(name)).unwrap();
         assert!(
             std::fs::read(mount.join(name)).unwrap() == expected,
@@ -204,9 +211,7 @@ fn cache_gc_under_a_running_mount_shrinks_the_cache_and_reads_stay_correct() {
 fn a_full_cache_disk_costs_only_the_caching() {
     let work = Work::new();
     let source = work.path("source");
-    let files: Vec<(String, usize)> = (0..24).map(|i| (format!("f{i}"), 300 * KIB)).collect();
-    let files: Vec<(&str, usize)> = files.iter().map(|(n, l)| (n.as_str(), *l)).collect();
-    noise_files(&source, &files);
+    equal_files(&source, 24, 300 * KIB);
     let image = BuiltImage::build(&source, &work.path("layout"), &["--compressor", "none"]);
     let cache = work.cache();
     std::fs::create_dir_all(&cache).unwrap();
