@@ -136,6 +136,50 @@ fn a_signal_stops_a_mount_that_lives_on_in_another_mount_namespace() {
     assert!(!log.contains("ERROR") && !log.contains("panicked"), "{log}");
 }
 
+/// A signal on a mount still in use (an open file here; an overlay over it
+/// in a container) detaches it and goes on serving its users until the last
+/// lets go: stopping after a signal must not break a running container.
+#[test]
+fn a_signal_on_a_mount_in_use_detaches_it_and_serves_until_the_last_user_leaves() {
+    let work = Work::new();
+    let source = work.path("source");
+    noise_files(&source, &[("big", 4 << 20)]);
+    let image = BuiltImage::build(&source, &work.path("layout"), &[]);
+    let mut mount = work.mount(&image, "mnt", &[]);
+    let mountpoint = mount.path().to_owned();
+    let mut open = std::fs::File::open(mount.join("big")).unwrap();
+    let mut head = [0u8; 4096];
+    open.read_exact(&mut head).unwrap();
+
+    mount.signal(Signal::TERM);
+    wait_until(DAEMON_TIMEOUT, "the busy mount to be detached", || {
+        mount.log().contains("detaching the mount lazily") && !is_mounted(&mountpoint)
+    });
+    // Past the time a cleanly unmounted daemon waits before it stops
+    // anyway, this one still serves the open file.
+    let pid = mount.pid();
+    let observed = std::time::Instant::now();
+    while observed.elapsed() < std::time::Duration::from_secs(3) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+        assert!(
+            matches!(state, Some("S" | "R" | "D")),
+            "the daemon ended: {stat}"
+        );
+        std::thread::yield_now();
+    }
+    let expected = std::fs::read(source.join("big")).unwrap();
+    let mut tail = vec![0u8; 1 << 20];
+    std::io::Seek::seek(&mut open, std::io::SeekFrom::Start(3 << 20)).unwrap();
+    open.read_exact(&mut tail).unwrap();
+    assert!(tail == expected[3 << 20..], "wrong bytes after the detach");
+
+    drop(open);
+    let status = mount.wait_exit();
+    assert!(status.success(), "exited with {status}:\n{}", mount.log());
+    assert!(!mount.log().contains("stopping anyway"), "{}", mount.log());
+}
+
 /// Regression: a mountpoint given as a relative path (`darter mount IMAGE
 /// mnt`) kept the FUSE default readahead of 128 KiB, with a warning, since
 /// its parent directory "" could not be resolved.

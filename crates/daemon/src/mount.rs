@@ -207,12 +207,14 @@ impl<S: BlobSource + 'static> Shutdown<S> {
         *ended
     }
 
-    /// After a signal's unmount: the kernel ends the session once the
-    /// filesystem has no mount left anywhere. A copy of the mount in another
-    /// mount namespace (made by `unshare`, a container runtime, `ip netns`
-    /// while the mount existed) keeps it alive, and the daemon would serve
-    /// it forever although it was told to stop: stop anyway. Exiting closes
-    /// the FUSE connection, so such copies answer ENOTCONN.
+    /// After a signal's clean unmount (a mount detached lazily because it
+    /// is in use keeps serving its users instead): the kernel ends the
+    /// session once the filesystem has no mount left anywhere. A copy of
+    /// the mount in another mount namespace (made by `unshare`, a container
+    /// runtime, `ip netns` while the mount existed) keeps it alive, and the
+    /// daemon would serve it forever although it was told to stop: stop
+    /// anyway. Exiting closes the FUSE connection, so such copies answer
+    /// ENOTCONN.
     fn end_after_signal(&self) {
         if self.wait_ended(SESSION_END_WAIT) {
             return;
@@ -298,8 +300,9 @@ fn spawn_signal_handler<S: BlobSource + 'static>(
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "unmounting on signal");
-            unmount_when_idle(&unmounter, &shutdown.mountpoint);
-            shutdown.end_after_signal();
+            if unmount_when_idle(&unmounter, &shutdown.mountpoint) == Unmounted::Cleanly {
+                shutdown.end_after_signal();
+            }
         }
     });
     Ok(())
@@ -309,33 +312,47 @@ fn spawn_signal_handler<S: BlobSource + 'static>(
 const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(5);
 const UNMOUNT_RETRY: Duration = Duration::from_millis(20);
 
+/// How a signal's unmount went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unmounted {
+    /// Gone from this mount namespace.
+    Cleanly,
+    /// Still in use (open files, an overlay over it): detached, and served
+    /// until the last user lets go.
+    Lazily,
+}
+
 /// Unmounts, retrying while the kernel says the mount is busy (requests
 /// still in flight for files already closed make it so for a moment);
-/// past [`UNMOUNT_BUSY_WAIT`] detaches it lazily, so the daemon still
-/// ends once the last user lets go.
-fn unmount_when_idle(unmounter: &Mutex<fuser::SessionUnmounter>, mountpoint: &Path) {
+/// past [`UNMOUNT_BUSY_WAIT`], or where a plain unmount is not allowed (an
+/// unprivileged mount), detaches it lazily, so the daemon still ends once
+/// the last user lets go.
+fn unmount_when_idle(unmounter: &Mutex<fuser::SessionUnmounter>, mountpoint: &Path) -> Unmounted {
     let deadline = Instant::now() + UNMOUNT_BUSY_WAIT;
     loop {
-        let result = unmounter
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unmount();
-        match result {
-            Ok(()) => return,
-            Err(e)
-                if e.raw_os_error() == Some(rustix::io::Errno::BUSY.raw_os_error())
-                    && Instant::now() < deadline =>
-            {
+        match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
+            Ok(()) => return Unmounted::Cleanly,
+            Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
                 std::thread::sleep(UNMOUNT_RETRY);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "unmount failed; detaching the mount lazily");
-                if let Err(e) =
+                if e != rustix::io::Errno::PERM {
+                    tracing::warn!(error = %e, "unmount failed; detaching the mount lazily");
+                }
+                // As root, detach; otherwise ask fuser (fusermount3) to.
+                let detached =
                     rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::DETACH)
-                {
+                        .map_err(std::io::Error::from)
+                        .or_else(|_| {
+                            unmounter
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .unmount()
+                        });
+                if let Err(e) = detached {
                     tracing::error!(error = %e, "lazy unmount failed");
                 }
-                return;
+                return Unmounted::Lazily;
             }
         }
     }
