@@ -41,7 +41,9 @@ pub struct Run {
 }
 
 impl Run {
-    /// The memory section's aim and table, from every scenario's daemons.
+    /// The memory section's table, from every scenario's daemons, and its
+    /// aim, from the daemons that served the python image (issue 3 states
+    /// the aim for that image; the AI image's peak is shown without one).
     fn memory(&self) -> Option<(Table, Aim)> {
         let peaks: Vec<(&str, &DaemonPeak)> = self
             .scenarios
@@ -50,27 +52,38 @@ impl Run {
             .collect();
         let mut table = Table::new(
             "Peak resident memory (VmHWM) of the mount daemon, over rounds",
-            &["scenario", "after", "VmHWM"],
+            &["scenario", "after", "VmHWM", "aim applies"],
         );
         for (scenario, peak) in &peaks {
             table.row(vec![
                 (*scenario).to_owned(),
                 peak.operation.clone(),
                 show_samples(Unit::Bytes, &peak.vm_hwm),
+                if peak.on_python_image {
+                    "yes"
+                } else {
+                    "no (larger image)"
+                }
+                .to_owned(),
             ]);
         }
-        let worst = peaks
+        let under_aim: Vec<&DaemonPeak> = peaks
             .iter()
-            .map(|(_, p)| p)
+            .map(|(_, p)| *p)
+            .filter(|p| p.on_python_image)
+            .collect();
+        let worst = under_aim
+            .iter()
             .max_by(|a, b| a.vm_hwm.median().total_cmp(&b.vm_hwm.median()))?;
         let aim = Aim::new(
             "issue 3",
-            "daemon peak RSS under 40 MB",
+            "daemon peak RSS under 40 MB (python image)",
             format!(
-                "{} (median over rounds, after {}; the largest of {} operations)",
+                "{} (median over rounds, after {}; the largest of {} operations on the python \
+                 image)",
                 Unit::Bytes.show(worst.vm_hwm.median()),
                 worst.operation,
-                peaks.len()
+                under_aim.len()
             ),
             Verdict::at_most(worst.vm_hwm.median(), PEAK_RSS_AIM_BYTES),
         );
@@ -353,6 +366,12 @@ mod tests {
         s.daemon_peaks.push(DaemonPeak {
             operation: "read-all".into(),
             vm_hwm: Samples::new(vec![30e6, 50e6, 60e6]),
+            on_python_image: true,
+        });
+        s.daemon_peaks.push(DaemonPeak {
+            operation: "cold start of a larger image".into(),
+            vm_hwm: Samples::new(vec![90e6]),
+            on_python_image: false,
         });
         s.load = LoadSummary {
             samples: Samples::new(vec![3.0]),
@@ -364,9 +383,10 @@ mod tests {
             "| Kernel | 6.1 |",
             "1 of 3 aims met.",
             "| Build | small | issue 2 | 70 MB | **NOT MET** |",
-            "daemon peak RSS under 40 MB | issue 3 | 50.0 MB (median over rounds, after read-all; \
-             the largest of 1 operations) | **NOT MET**",
-            "| Build | read-all | 50.0 MB [30.0 MB-60.0 MB] |",
+            "daemon peak RSS under 40 MB (python image) | issue 3 | 50.0 MB (median over rounds, \
+             after read-all; the largest of 1 operations on the python image) | **NOT MET**",
+            "| Build | read-all | 50.0 MB [30.0 MB-60.0 MB] | yes |",
+            "| Build | cold start of a larger image | 90.0 MB | no (larger image) |",
             "## registry (FAILED)",
             "no registry",
             "median 3.0, min 2.0, max 4.0",

@@ -380,5 +380,6 @@ pub fn peak(operation: &str, uses: &[DaemonUse]) -> DaemonPeak {
     DaemonPeak {
         operation: operation.to_owned(),
         vm_hwm: Samples::new(uses.iter().map(|u| u.peak_rss as f64).collect()),
+        on_python_image: true,
     }
 }

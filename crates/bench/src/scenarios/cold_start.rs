@@ -271,6 +271,7 @@ fn report(
     r.daemon_peaks.push(DaemonPeak {
         operation: format!("cold start of `{}`, both link rates", image.command_line()),
         vm_hwm: samples(&all_darter, |r| r.daemon_peak_rss as f64),
+        on_python_image: image.large_image_aims.is_none(),
     });
     r.tables.push(time_table(results));
     r.tables.push(bytes_table(results, testbed));

@@ -148,6 +148,7 @@ fn report(scenario: &MountTime, runs: &[Vec<Sample>]) -> ScenarioReport {
     r.daemon_peaks.push(DaemonPeak {
         operation: "mounting (idle)".into(),
         vm_hwm: column(&runs[0], |s| s.peak_rss as f64),
+        on_python_image: true,
     });
     r.notes
         .push("For scale (issue 3): Nydus 2.4 takes 34 ms to mount.".to_owned());
