@@ -69,6 +69,9 @@ struct Cli {
     /// Work directory for images, mounts and caches of this run.
     #[arg(long, value_name = "DIR", default_value = "/var/tmp/darter-bench")]
     work: PathBuf,
+    /// `darter mount --frontend` for every Darter mount (default: darter's).
+    #[arg(long, value_name = "KIND")]
+    frontend: Option<String>,
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
@@ -120,9 +123,12 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
     };
     let run_dir = prepare_work_dir(&cli.work)?;
     install_signal_cleanup(&run_dir)?;
-    let (darter, darter_origin) = match &cli.darter {
+    let (mut darter, mut darter_origin) = match &cli.darter {
         Some(exe) => (
-            Darter { exe: exe.clone() },
+            Darter {
+                exe: exe.clone(),
+                frontend: None,
+            },
             format!(
                 "{} (given with --darter, not built from this workspace)",
                 exe.display()
@@ -133,6 +139,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             "built from this workspace (`cargo build --release -p darter`)".to_owned(),
         ),
     };
+    if let Some(frontend) = &cli.frontend {
+        darter.frontend = Some(frontend.clone());
+        darter_origin.push_str(&format!(", mounting with `--frontend {frontend}`"));
+    }
     let machine = Machine::describe(&workspace);
     let started = Instant::now();
     let mut bench = Bench::new(darter, size, run_dir.clone());

@@ -19,6 +19,8 @@ use crate::tools::{self, Darter};
 
 /// `f_type` of a FUSE filesystem (statfs(2)).
 const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
+/// `f_type` of EROFS, what the kernel EROFS frontend mounts.
+const EROFS_SUPER_MAGIC: u64 = 0xE0F5_E1E2;
 /// How long a mount may take to appear or go away.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause between polls of the mountpoint while a mount starts.
@@ -247,9 +249,8 @@ fn start_mount(
     let log_path = mountpoint.with_extension("log");
     let log = std::fs::File::create(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
-    let mut cmd = darter.command();
-    cmd.arg("mount")
-        .arg(image)
+    let mut cmd = darter.mount_command();
+    cmd.arg(image)
         .arg(mountpoint)
         .arg("--cache")
         .arg(cache)
@@ -273,10 +274,12 @@ fn stats_of(darter: &Darter, mountpoint: &Path) -> anyhow::Result<MountStats> {
     serde_json::from_value(value).context("reading darter stats --json")
 }
 
-/// Whether `path` is served by a FUSE filesystem. The statfs call is
-/// answered by the daemon, so true means it serves.
+/// Whether `path` is served by Darter: a FUSE filesystem (whose statfs the
+/// daemon answers, so true means it serves), or the kernel EROFS frontend
+/// (mounted only once its devices serve).
 fn serves_fuse(path: &Path) -> bool {
-    rustix::fs::statfs(path).is_ok_and(|s| s.f_type as u64 == FUSE_SUPER_MAGIC)
+    rustix::fs::statfs(path)
+        .is_ok_and(|s| [FUSE_SUPER_MAGIC, EROFS_SUPER_MAGIC].contains(&(s.f_type as u64)))
 }
 
 /// A thread that notes when a mountpoint first answers as FUSE.

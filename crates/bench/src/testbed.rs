@@ -247,9 +247,8 @@ impl ClientMount {
             mountpoint: mountpoint.to_path_buf(),
             unmounted: false,
         };
-        let mut mount = darter.command();
+        let mut mount = darter.mount_command();
         mount
-            .arg("mount")
             .arg(reference)
             .arg(mountpoint)
             .args(["-d", "--plain-http", "--cache"])

@@ -22,6 +22,8 @@ pub fn workspace_root() -> PathBuf {
 #[derive(Debug, Clone)]
 pub struct Darter {
     pub exe: PathBuf,
+    /// `darter mount --frontend` (None: darter's default).
+    pub frontend: Option<String>,
 }
 
 impl Darter {
@@ -45,13 +47,26 @@ impl Darter {
         let stdout = String::from_utf8_lossy(&output.stdout);
         let exe =
             darter_executable(&stdout).context("cargo build did not report a darter executable")?;
-        Ok(Darter { exe })
+        Ok(Darter {
+            exe,
+            frontend: None,
+        })
     }
 
     /// A `darter` command that ignores config files and log settings of
     /// the machine.
     pub fn command(&self) -> Command {
         hermetic(Command::new(&self.exe))
+    }
+
+    /// `darter mount`, with the frontend chosen for this run.
+    pub fn mount_command(&self) -> Command {
+        let mut cmd = self.command();
+        cmd.arg("mount");
+        if let Some(frontend) = &self.frontend {
+            cmd.args(["--frontend", frontend]);
+        }
+        cmd
     }
 
     /// [`Darter::command`] pinned to the first core.

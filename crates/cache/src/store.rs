@@ -173,6 +173,19 @@ impl Streams {
     }
 }
 
+/// What a read covers: `offset..end` of a file or an address space, and
+/// the key [`Streams`] knows it by.
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    stream: u64,
+    offset: u64,
+    end: u64,
+}
+
+/// Stream keys of address spaces: above every EROFS nid (nids are at most
+/// 2^32 * 128 / 32), so a device's reads never count as a file's.
+const ADDRESS_SPACE_STREAMS: u64 = 1 << 48;
+
 /// A chunk to be read: where it is and its record.
 #[derive(Debug, Clone, Copy)]
 struct Wanted {
@@ -304,29 +317,93 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
         }
         let end = inode.size.min(offset.saturating_add(len));
         let cs = self.image.bootstrap().chunk_size();
-        let mut out = vec![0u8; (end - offset) as usize];
-        let mut wanted = Vec::new();
+        let mut placed = Vec::new();
         for n in offset / cs..=(end - 1) / cs {
             if let Some(w) = self.wanted(inode, n)? {
-                wanted.push((n, w));
+                placed.push((n * cs, w));
             }
         }
+        let read = Read {
+            stream: inode.nid,
+            offset,
+            end,
+        };
+        self.serve(&read, &placed, path, || {
+            self.readahead(inode, (end - 1) / cs + 1, end)
+        })
+    }
+
+    /// Reads up to `len` bytes at `offset` of blob `blob`'s uncompressed
+    /// address space (`docs/format.md` section 2.1): the EROFS device the
+    /// kernel reads when it mounts the bootstrap itself. Gaps between
+    /// chunks read as zeros. `files` names the files using those bytes in
+    /// log messages (called only if the read fails).
+    pub fn read_address_space(
+        self: &Arc<Self>,
+        blob: usize,
+        offset: u64,
+        len: u64,
+        files: &dyn Fn() -> String,
+    ) -> Result<Vec<u8>, ReadError> {
+        let size = self.image.blobs()[blob].trailer.uncompressed_size;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len));
+        let table = self.image.chunk_table(blob)?;
+        let records = table.records();
+        let first =
+            records.partition_point(|r| r.uncompressed_offset() + u64::from(r.size) <= offset);
+        let placed: Vec<(u64, Wanted)> = records[first..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, r)| r.uncompressed_offset() < end)
+            .map(|(i, &record)| {
+                let loc = ChunkLocation {
+                    blob,
+                    index: first + i,
+                };
+                (record.uncompressed_offset(), Wanted { loc, record })
+            })
+            .collect();
+        let read = Read {
+            stream: ADDRESS_SPACE_STREAMS + blob as u64,
+            offset,
+            end,
+        };
+        let after = first + placed.len();
+        self.serve(&read, &placed, files, || {
+            self.readahead_in_blob(blob, after, end)
+        })
+    }
+
+    /// Serves `read` from chunks placed at the given offsets of what is
+    /// read (a file or an address space); what no chunk covers is zeros.
+    /// `ahead` lists the chunks to read ahead if the read is sequential.
+    fn serve(
+        self: &Arc<Self>,
+        read: &Read,
+        placed: &[(u64, Wanted)],
+        path: &dyn Fn() -> String,
+        ahead: impl FnOnce() -> Vec<Wanted>,
+    ) -> Result<Vec<u8>, ReadError> {
+        let (offset, end) = (read.offset, read.end);
+        let mut out = vec![0u8; (end - offset) as usize];
         let mut found: HashMap<ChunkLocation, Arc<Vec<u8>>> = HashMap::new();
         let mut missing = Vec::new();
-        for &(_, w) in &wanted {
-            match self.cached(&w) {
+        for (_, w) in placed {
+            match self.cached(w) {
                 Some(data) => {
                     found.insert(w.loc, data);
                 }
-                None => missing.push(w),
+                None => missing.push(*w),
             }
         }
-        let sequential = self.streams.follows(inode.nid, offset, end);
+        let sequential = self.streams.follows(read.stream, offset, end);
         if !missing.is_empty() {
             Stats::add(&self.stats.cache_misses, missing.len() as u64);
             if sequential {
-                let ahead = self.readahead(inode, (end - 1) / cs + 1, end);
-                self.fetch_behind(&ahead);
+                self.fetch_behind(&ahead());
             }
             let fetched = self.fetch_demand(&missing)?;
             for w in &missing {
@@ -336,10 +413,9 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
                 found.insert(w.loc, data);
             }
         }
-        for (n, w) in wanted {
+        for (chunk_start, w) in placed {
             let data = &found[&w.loc];
-            let chunk_start = n * cs;
-            let from = offset.max(chunk_start);
+            let from = offset.max(*chunk_start);
             let to = end.min(chunk_start + data.len() as u64);
             if to > from {
                 out[(from - offset) as usize..(to - offset) as usize].copy_from_slice(
@@ -464,6 +540,29 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
             n += 1;
         }
         out
+    }
+
+    /// The chunks of blob `blob` from record `from` on that start within
+    /// the read-ahead window past `end` of its address space and are not
+    /// cached yet.
+    fn readahead_in_blob(&self, blob: usize, from: usize, end: u64) -> Vec<Wanted> {
+        let Ok(table) = self.image.chunk_table(blob) else {
+            return Vec::new();
+        };
+        let limit = end.saturating_add(self.opts.readahead);
+        table.records()[from.min(table.records().len())..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, r)| r.uncompressed_offset() < limit)
+            .filter(|(i, _)| !self.on_disk(&table.digest(from + i)))
+            .map(|(i, &record)| Wanted {
+                loc: ChunkLocation {
+                    blob,
+                    index: from + i,
+                },
+                record,
+            })
+            .collect()
     }
 
     fn take(&self, fetched: &HashMap<FrameKey, FrameResult>, w: &Wanted) -> ChunkResult {

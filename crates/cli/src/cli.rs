@@ -111,6 +111,9 @@ pub struct MountArgs {
     /// FUSE request threads (default 4).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// How the kernel sees the image: fuse (every request goes to the daemon) or erofs (the kernel mounts the image itself and asks the daemon only for file data it has not cached; needs root and Linux 6.12+).
+    #[arg(long, value_name = "KIND")]
+    pub frontend: Option<String>,
 }
 
 /// `darter stats`.

@@ -57,6 +57,8 @@ pub struct MountConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// FUSE request threads.
     pub threads: Option<usize>,
+    /// fuse or erofs.
+    pub frontend: Option<String>,
 }
 
 /// `[build]`.

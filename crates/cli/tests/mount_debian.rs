@@ -13,7 +13,7 @@ use std::process::Command;
 
 use darter_testkit::fixtures::debian_python_rootfs;
 use darter_testkit::process::run;
-use mount_common::{BuiltImage, Work, assert_mount_matches};
+use mount_common::{BuiltImage, KERNEL_EROFS, Work, assert_mount_matches};
 
 /// A small file of the rootfs (3,526 bytes in bookworm).
 const SMALL_FILE: &str = "etc/skel/.bashrc";
@@ -28,10 +28,19 @@ fn debian_image(work: &Work) -> (PathBuf, BuiltImage) {
 
 #[test]
 fn debian_rootfs_mount_matches_unpack() {
+    debian_rootfs_mount_matches_unpack_with(&[]);
+}
+
+#[test]
+fn debian_rootfs_mounted_through_the_kernel_erofs_frontend_matches_unpack() {
+    debian_rootfs_mount_matches_unpack_with(KERNEL_EROFS);
+}
+
+fn debian_rootfs_mount_matches_unpack_with(frontend: &[&str]) {
     let work = Work::new();
     let (_, image) = debian_image(&work);
     let unpacked = work.unpack(&image);
-    let mount = work.mount(&image, "mnt", &[]);
+    let mount = work.mount(&image, "mnt", frontend);
     assert_mount_matches(&unpacked, mount.path());
     let stats = mount.stats();
     assert_eq!(stats.verify_failures, 0, "{stats:?}");
@@ -43,6 +52,15 @@ fn debian_rootfs_mount_matches_unpack() {
 
 #[test]
 fn reading_one_small_file_fetches_only_metadata_and_its_chunk() {
+    reading_one_small_file_fetches_only_metadata_and_its_chunk_with(&[]);
+}
+
+#[test]
+fn through_the_kernel_erofs_frontend_reading_one_small_file_fetches_only_metadata_and_its_chunk() {
+    reading_one_small_file_fetches_only_metadata_and_its_chunk_with(KERNEL_EROFS);
+}
+
+fn reading_one_small_file_fetches_only_metadata_and_its_chunk_with(frontend: &[&str]) {
     let work = Work::new();
     let (rootfs, image) = debian_image(&work);
     let file_bytes = common::num(&image.inspect, "/file_bytes");
@@ -56,7 +74,7 @@ fn reading_one_small_file_fetches_only_metadata_and_its_chunk() {
         "{SMALL_FILE} is no longer a file of about 4 KiB ({} bytes): pick another",
         expected.len()
     );
-    let mount = work.mount(&image, "mnt", &[]);
+    let mount = work.mount(&image, "mnt", frontend);
     let mounted = mount.stats();
     let bootstrap = common::num(&image.inspect, "/bootstrap_bytes");
     let blobs = image.inspect["blobs"].as_array().map_or(1, Vec::len) as u64;
@@ -91,9 +109,18 @@ fn reading_one_small_file_fetches_only_metadata_and_its_chunk() {
 
 #[test]
 fn python_runs_in_a_chroot_of_the_mount_fetching_a_small_fraction() {
+    python_runs_in_a_chroot_of_the_mount_fetching_a_small_fraction_with(&[]);
+}
+
+#[test]
+fn python_runs_in_a_chroot_of_a_kernel_erofs_mount_fetching_a_small_fraction() {
+    python_runs_in_a_chroot_of_the_mount_fetching_a_small_fraction_with(KERNEL_EROFS);
+}
+
+fn python_runs_in_a_chroot_of_the_mount_fetching_a_small_fraction_with(frontend: &[&str]) {
     let work = Work::new();
     let (_, image) = debian_image(&work);
-    let mount = work.mount(&image, "mnt", &[]);
+    let mount = work.mount(&image, "mnt", frontend);
     let out = run(Command::new("chroot")
         .arg(mount.path())
         .args(["python3", "-c", "print(1)"])

@@ -18,8 +18,8 @@ use std::process::Command;
 use common::darter;
 use darter_testkit::process::{ChildGuard, free_port, wait_until};
 use mount_common::{
-    BuiltImage, DAEMON_TIMEOUT, Mounted, Work, api_socket, assert_mount_matches, is_mounted,
-    noise_files,
+    BuiltImage, DAEMON_TIMEOUT, KERNEL_EROFS, Mounted, Work, api_socket, assert_mount_matches,
+    devices_dir, is_mounted, noise_files,
 };
 use rustix::process::Signal;
 
@@ -40,6 +40,12 @@ fn assert_gone(mountpoint: &Path) {
         !is_mounted(mountpoint),
         "{} is still mounted",
         mountpoint.display()
+    );
+    let devices = devices_dir(mountpoint);
+    assert!(
+        !is_mounted(&devices),
+        "the devices at {} are still mounted",
+        devices.display()
     );
     let socket = api_socket(mountpoint);
     assert!(!socket.exists(), "{} is left behind", socket.display());
@@ -73,10 +79,22 @@ fn unmount_with(command: &[&str], mount: &Mounted) {
 
 #[test]
 fn a_foreground_mount_stops_cleanly_on_signals_and_unmounts() {
+    stops_cleanly(&[], STOPS);
+}
+
+/// Through the kernel's EROFS driver: a signal unmounts the EROFS mount
+/// and then the devices; a plain `umount` of the EROFS mount makes the
+/// daemon unmount its devices and end.
+#[test]
+fn a_kernel_erofs_mount_stops_cleanly_on_signals_and_umount() {
+    stops_cleanly(KERNEL_EROFS, &STOPS[..3]);
+}
+
+fn stops_cleanly(frontend: &[&str], stops: &[Stop]) {
     let work = Work::new();
     let (source, image) = small_image(&work);
-    for (how, stop) in STOPS {
-        let mut mount = work.mount(&image, &format!("mnt-{}", how.replace(' ', "-")), &[]);
+    for (how, stop) in stops {
+        let mut mount = work.mount(&image, &format!("mnt-{}", how.replace(' ', "-")), frontend);
         let mountpoint = mount.path().to_owned();
         assert!(
             is_mounted(&mountpoint) && api_socket(&mountpoint).exists(),
@@ -226,6 +244,46 @@ fn stale_mountpoint_with_cached_root_attributes_is_recovered_by_the_next_mount()
         mounts,
         std::slice::from_ref(&mountpoint),
         "the stale mount should be gone, not covered"
+    );
+    assert_mount_matches(&source, again.path());
+    let log = again.log();
+    assert!(
+        log.contains("stale"),
+        "the recovery should be logged:\n{log}"
+    );
+}
+
+/// A killed daemon leaves the kernel's EROFS mount in place, answering
+/// from what it cached but failing every read it would have to ask the
+/// devices for; the next mount replaces it, and its dead devices mount.
+#[test]
+fn a_kernel_erofs_mount_left_by_a_killed_daemon_is_recovered_by_the_next_mount() {
+    let work = Work::new();
+    let (source, image) = small_image(&work);
+    let mut dead = work.mount(&image, "mnt", KERNEL_EROFS);
+    let mountpoint = dead.path().to_owned();
+    dead.kill();
+    let err = std::fs::read(mountpoint.join("a")).unwrap_err();
+    let failed = [rustix::io::Errno::NOTCONN, rustix::io::Errno::IO]
+        .map(|e| Some(e.raw_os_error()))
+        .contains(&err.raw_os_error());
+    assert!(
+        failed,
+        "reading a file the dead daemon never served should fail: {err}"
+    );
+
+    let again = Mounted::detached(&image.reference, &mountpoint, &work.cache(), KERNEL_EROFS);
+    let mounts = darter_testkit::process::mounts_under(&mountpoint).unwrap();
+    assert_eq!(
+        mounts,
+        std::slice::from_ref(&mountpoint),
+        "the stale mount should be gone, not covered"
+    );
+    let devices = darter_testkit::process::mounts_under(&devices_dir(&mountpoint)).unwrap();
+    assert_eq!(
+        devices.len(),
+        1,
+        "one devices mount, the new one: {devices:?}"
     );
     assert_mount_matches(&source, again.path());
     let log = again.log();

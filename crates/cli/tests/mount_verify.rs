@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use common::{flip_byte, noise, write_file};
 use darter_testkit::process::wait_until;
 use mount_common::{
-    BuiltImage, CachedChunk, DAEMON_TIMEOUT, Mounted, Work, assert_eio, assert_mount_matches,
-    cached_chunk_location, cached_chunks, locate_chunk, noise_files, sha256_hex,
+    BuiltImage, CachedChunk, DAEMON_TIMEOUT, KERNEL_EROFS, Mounted, Work, assert_eio,
+    assert_mount_matches, cached_chunk_location, cached_chunks, locate_chunk, noise_files,
+    sha256_hex,
 };
 
 const KIB: usize = 1 << 10;
@@ -66,6 +67,18 @@ const BLOB_DAMAGE: &[BlobDamage] = &[("victim-raw", 0, |len| len / 2), ("victim-
 
 #[test]
 fn flipped_byte_in_a_blob_fails_only_the_affected_file_with_eio() {
+    flipped_byte_in_a_blob(&[]);
+}
+
+/// Through the kernel's EROFS driver the daemon is asked for device bytes,
+/// not files: the log still names the file that holds the damaged chunk.
+#[test]
+fn flipped_byte_in_a_blob_fails_only_the_affected_file_with_eio_through_the_kernel_erofs_frontend()
+{
+    flipped_byte_in_a_blob(KERNEL_EROFS);
+}
+
+fn flipped_byte_in_a_blob(frontend: &[&str]) {
     let work = Work::new();
     let source = work.path("source");
     let files = verify_tree(&source);
@@ -85,7 +98,7 @@ fn flipped_byte_in_a_blob_fails_only_the_affected_file_with_eio() {
         .collect();
 
     let cache = work.path("cache");
-    let mount = Mounted::detached(&image.reference, &work.mountpoint("mnt"), &cache, &[]);
+    let mount = Mounted::detached(&image.reference, &work.mountpoint("mnt"), &cache, frontend);
     for (name, _) in &victims {
         assert_eio(std::fs::read(mount.join(name)), name);
         // Still refused the second time: nothing unverified was kept.

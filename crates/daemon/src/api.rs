@@ -65,11 +65,22 @@ pub fn runtime_dir() -> PathBuf {
 /// The API socket of the daemon serving `mountpoint` (named by a hash of
 /// its canonical path, so any spelling of the path finds it).
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    mount_state(mountpoint, "sock")
+}
+
+/// Where the daemon serving `mountpoint` through the kernel's EROFS driver
+/// mounts its devices filesystem (see `darter_fuse::DevicesFs`).
+pub fn devices_dir(mountpoint: &Path) -> PathBuf {
+    mount_state(mountpoint, "devices")
+}
+
+/// `<runtime dir>/mounts/<hash of the canonical mountpoint>.<extension>`.
+fn mount_state(mountpoint: &Path, extension: &str) -> PathBuf {
     let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
     let hash = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
     runtime_dir()
         .join("mounts")
-        .join(format!("{}.sock", &hex::encode(hash)[..16]))
+        .join(format!("{}.{extension}", &hex::encode(hash)[..16]))
 }
 
 /// Asks the daemon serving `mountpoint` for its counters.

@@ -4,7 +4,9 @@
 //! session on several threads, clean unmount on SIGINT/SIGTERM), the local
 //! API socket that `darter stats` talks to (HTTP over a unix socket, so
 //! `curl --unix-socket` works too), Prometheus metrics over TCP, and the
-//! background prefetcher.
+//! background prefetcher. A mount is served either entirely over FUSE or
+//! through the kernel's EROFS driver (`kernel.rs`), which mounts the
+//! bootstrap itself over the devices the daemon serves.
 //!
 //! Must not: parse image formats or fetch chunks itself (`darter-image`,
 //! `darter-cache`), or outlive its mount.
@@ -13,7 +15,8 @@
 
 pub mod api;
 mod http;
+mod kernel;
 mod metrics;
 mod mount;
 
-pub use mount::{DaemonError, ImageSpec, MountOptions, mount};
+pub use mount::{DaemonError, Frontend, ImageSpec, MountOptions, mount};

@@ -7,16 +7,21 @@ use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
 use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StoreOptions};
-use darter_fuse::{DarterFs, FsOptions, prepare_mountpoint};
+use darter_fuse::{DarterFs, DevicesFs, FsOptions, prepare_mountpoint};
 use darter_image::{BlobSource, Image};
 use fuser::{MountOption, SessionACL};
 
 use crate::api::{StatsReport, socket_path};
+use crate::kernel::{KernelMount, prepare_devices_dir};
 use crate::{http, metrics};
 
 /// Kernel readahead of a mount: one chunk, so sequential reads of a large
 /// file ask for whole chunks.
 const READAHEAD_KIB: u32 = 1024;
+/// Kernel readahead of a devices filesystem: none. The EROFS driver reads
+/// ahead within each file itself; a device's own readahead would run on
+/// into the next files of the address space, which nobody asked for.
+const DEVICES_READAHEAD_KIB: u32 = 0;
 
 /// How to run a mount.
 #[derive(Debug, Clone)]
@@ -31,6 +36,8 @@ pub struct MountOptions {
     pub threads: usize,
     /// Chunk store tuning.
     pub store: StoreOptions,
+    /// How the kernel sees the mount.
+    pub frontend: Frontend,
 }
 
 /// Why a mount failed.
@@ -71,6 +78,21 @@ pub struct ImageSpec<S> {
     pub blobs: S,
 }
 
+/// How the kernel sees a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Frontend {
+    /// The daemon answers every request of the mounted tree over FUSE
+    /// (lookups, attributes, directories and file data).
+    #[default]
+    Fuse,
+    /// The kernel mounts the bootstrap as EROFS itself; the daemon serves
+    /// over FUSE, on a private directory, only the bootstrap and the blobs'
+    /// address spaces the kernel reads on page-cache misses. Lookups,
+    /// stats and cached reads are native EROFS. Needs root and a kernel
+    /// with file-backed EROFS mounts (6.12 or later).
+    Erofs,
+}
+
 /// Opens `spec` (fetching the bootstrap, counted as backend traffic),
 /// mounts it at `mountpoint` and serves it until it is unmounted or the
 /// process gets SIGINT/SIGTERM (which unmount cleanly). `ready` runs once
@@ -81,11 +103,6 @@ pub fn mount<S: BlobSource + 'static>(
     opts: &MountOptions,
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
-    let io = |op, what: &dyn std::fmt::Display| {
-        let what = what.to_string();
-        move |source| DaemonError::Io { op, what, source }
-    };
-    let image_name = spec.name.as_str();
     prepare_mountpoint(mountpoint)?;
     let disk = CacheDir::open(&opts.cache_dir)?;
     let stats = Arc::new(Stats::default());
@@ -100,60 +117,164 @@ pub fn mount<S: BlobSource + 'static>(
         opts.store,
         stats,
     ));
-    let fs = DarterFs::new(store.clone(), FsOptions::default());
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(format!("darter:{image_name}")),
-        MountOption::Subtype("darter".into()),
-        MountOption::DefaultPermissions,
-        MountOption::Dev,
-        MountOption::Suid,
-    ];
-    config.acl = SessionACL::All;
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
-    let mut session = fuser::Session::new(fs, mountpoint, &config)
-        .map_err(io("mount at", &mountpoint.display()))?;
-    if let Err(e) = darter_fuse::set_readahead(mountpoint, READAHEAD_KIB) {
+    let mount = Mount {
+        name: spec.name,
+        mountpoint: mountpoint.to_owned(),
+        store,
+    };
+    match opts.frontend {
+        Frontend::Fuse => {
+            let fs = DarterFs::new(mount.store.clone(), FsOptions::default());
+            let session =
+                start_session(fs, mountpoint, &mount.fuse_config(opts, ""), READAHEAD_KIB)?;
+            mount.serve(session, None, opts, ready)
+        }
+        Frontend::Erofs => {
+            let devices = crate::api::devices_dir(mountpoint);
+            prepare_devices_dir(&devices)?;
+            let fs = DevicesFs::new(mount.store.clone());
+            let config = mount.fuse_config(opts, "devices:");
+            let session = start_session(fs, &devices, &config, DEVICES_READAHEAD_KIB)?;
+            let kernel = KernelMount {
+                devices,
+                mountpoint: mountpoint.to_owned(),
+                blob_count: mount.store.image().blobs().len(),
+            };
+            mount.serve(session, Some(kernel), opts, ready)
+        }
+    }
+}
+
+fn start_session<FS: fuser::Filesystem>(
+    fs: FS,
+    at: &Path,
+    config: &fuser::Config,
+    readahead_kib: u32,
+) -> Result<fuser::Session<FS>, DaemonError> {
+    let session = fuser::Session::new(fs, at, config).map_err(|source| DaemonError::Io {
+        op: "mount at",
+        what: at.display().to_string(),
+        source,
+    })?;
+    if let Err(e) = darter_fuse::set_readahead(at, readahead_kib) {
         tracing::warn!(error = %e, "cannot raise the mount's readahead; large reads will be split");
     }
-    let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
-    let started = Instant::now();
-    let report = {
-        let store = store.clone();
-        let (image, mountpoint) = (image_name.to_owned(), mountpoint.to_owned());
-        Arc::new(move || StatsReport {
-            image: image.clone(),
-            mountpoint: mountpoint.clone(),
-            pid: std::process::id(),
-            uptime_seconds: started.elapsed().as_secs_f64(),
-            stats: store.stats(),
-        })
-    };
-    let socket = socket_path(mountpoint);
-    let api = bind_api(&socket)?;
-    spawn_api(api, report.clone());
-    if let Some(addr) = opts.metrics_addr {
-        let listener = TcpListener::bind(addr).map_err(io("listen on", &addr))?;
-        spawn_metrics(listener, report);
+    Ok(session)
+}
+
+/// One image being mounted.
+struct Mount<S> {
+    name: String,
+    mountpoint: PathBuf,
+    store: Arc<ChunkStore<S>>,
+}
+
+impl<S: BlobSource + 'static> Mount<S> {
+    fn fuse_config(&self, opts: &MountOptions, kind: &str) -> fuser::Config {
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName(format!("darter:{kind}{}", self.name)),
+            MountOption::Subtype("darter".into()),
+            MountOption::DefaultPermissions,
+            MountOption::Dev,
+            MountOption::Suid,
+        ];
+        config.acl = SessionACL::All;
+        config.n_threads = Some(opts.threads.max(1));
+        config.clone_fd = true;
+        config
     }
-    let shutdown = Arc::new(Shutdown::new(store.clone(), socket, mountpoint.to_owned()));
-    spawn_signal_handler(unmounter, shutdown.clone())?;
-    fetch_chunk_tables(&store);
-    let prefetch = opts.prefetch_all.then(|| {
-        let store = store.clone();
-        std::thread::spawn(move || store.prefetch_all())
-    });
-    tracing::info!(image = image_name, mountpoint = %mountpoint.display(), "mounted");
-    ready();
-    let result = session.run().map_err(io("serve", &mountpoint.display()));
-    shutdown.mark_ended();
-    shutdown.finish();
-    if let Some(p) = prefetch {
-        let _ = p.join();
+
+    /// Serves `session` (at the mountpoint, or at the devices directory
+    /// under `kernel`'s EROFS mount) until it ends.
+    fn serve<FS: fuser::Filesystem + Send + 'static>(
+        self,
+        mut session: fuser::Session<FS>,
+        kernel: Option<KernelMount>,
+        opts: &MountOptions,
+        ready: impl FnOnce(),
+    ) -> Result<(), DaemonError> {
+        let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+        let socket = socket_path(&self.mountpoint);
+        let shutdown = Arc::new(Shutdown::new(
+            self.store.clone(),
+            socket.clone(),
+            self.mountpoint.clone(),
+        ));
+        // Unmounted in this order: the kernel mount holds its devices.
+        let unmount_order: Vec<PathBuf> = std::iter::once(self.mountpoint.clone())
+            .chain(kernel.as_ref().map(|k| k.devices.clone()))
+            .collect();
+        spawn_signal_handler(unmounter.clone(), shutdown.clone(), unmount_order)?;
+        fetch_chunk_tables(&self.store);
+        let serve_error = |source| DaemonError::Io {
+            op: "serve",
+            what: self.mountpoint.display().to_string(),
+            source,
+        };
+        let result = match kernel {
+            None => {
+                self.start_api(&socket, opts)?;
+                ready();
+                session.run().map_err(serve_error)
+            }
+            Some(kernel) => {
+                let serving = std::thread::spawn(move || session.run());
+                if let Err(e) = kernel.mount() {
+                    unmount_when_idle(&unmounter, &kernel.devices);
+                    let _ = serving.join();
+                    return Err(e);
+                }
+                let devices = kernel.devices.clone();
+                kernel.watch_unmount(move || {
+                    tracing::info!("the kernel mount is gone; unmounting its devices");
+                    unmount_when_idle(&unmounter, &devices);
+                });
+                self.start_api(&socket, opts)?;
+                ready();
+                serving
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session panicked")))
+                    .map_err(serve_error)
+            }
+        };
+        shutdown.mark_ended();
+        shutdown.finish();
+        result
     }
-    result
+
+    /// The API socket and metrics, and the prefetcher: what tells the
+    /// world the mount is ready.
+    fn start_api(&self, socket: &Path, opts: &MountOptions) -> Result<(), DaemonError> {
+        let started = Instant::now();
+        let report: Reporter = {
+            let store = self.store.clone();
+            let (image, mountpoint) = (self.name.clone(), self.mountpoint.clone());
+            Arc::new(move || StatsReport {
+                image: image.clone(),
+                mountpoint: mountpoint.clone(),
+                pid: std::process::id(),
+                uptime_seconds: started.elapsed().as_secs_f64(),
+                stats: store.stats(),
+            })
+        };
+        spawn_api(bind_api(socket)?, report.clone());
+        if let Some(addr) = opts.metrics_addr {
+            let listener = TcpListener::bind(addr).map_err(|source| DaemonError::Io {
+                op: "listen on",
+                what: addr.to_string(),
+                source,
+            })?;
+            spawn_metrics(listener, report);
+        }
+        if opts.prefetch_all {
+            let store = self.store.clone();
+            std::thread::spawn(move || store.prefetch_all());
+        }
+        tracing::info!(image = %self.name, mountpoint = %self.mountpoint.display(), "mounted");
+        Ok(())
+    }
 }
 
 /// How long a daemon told to stop waits, once its mount is gone from its
@@ -288,6 +409,7 @@ fn spawn_metrics(listener: TcpListener, report: Reporter) {
 fn spawn_signal_handler<S: BlobSource + 'static>(
     unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
     shutdown: Arc<Shutdown<S>>,
+    unmount_order: Vec<PathBuf>,
 ) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
@@ -300,7 +422,12 @@ fn spawn_signal_handler<S: BlobSource + 'static>(
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, "unmounting on signal");
-            if unmount_when_idle(&unmounter, &shutdown.mountpoint) == Unmounted::Cleanly {
+            // Every path is unmounted, whatever became of the ones before.
+            let outcomes: Vec<Unmounted> = unmount_order
+                .iter()
+                .map(|path| unmount_when_idle(&unmounter, path))
+                .collect();
+            if outcomes.iter().all(|u| *u == Unmounted::Cleanly) {
                 shutdown.end_after_signal();
             }
         }

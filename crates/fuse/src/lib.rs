@@ -5,15 +5,20 @@
 //! data), the kernel caching policy (the image is immutable, so entries,
 //! attributes, directories and pages are cached for as long as the kernel
 //! likes), and mountpoint housekeeping (recovering a mountpoint left
-//! behind by a dead daemon).
+//! behind by a dead daemon). For the kernel EROFS path it serves the
+//! devices filesystem (`devices.rs`): the verified bootstrap and each
+//! blob's uncompressed address space as files, which the kernel's EROFS
+//! driver mounts.
 //!
 //! Must not: fetch or verify chunks itself (that is `darter-cache`), write
 //! anything, or answer a read with bytes the store did not verify.
 
 #![forbid(unsafe_code)]
 
+mod devices;
 mod fs;
 mod mountpoint;
 
+pub use devices::{BOOTSTRAP_FILE, DevicesFs, device_file};
 pub use fs::{DarterFs, FsOptions};
-pub use mountpoint::{MountpointError, prepare_mountpoint, set_readahead};
+pub use mountpoint::{MountpointError, TopMount, prepare_mountpoint, set_readahead, top_mount};

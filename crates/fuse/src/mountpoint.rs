@@ -1,6 +1,7 @@
 //! Mountpoint housekeeping.
 
 use std::io;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 use rustix::io::Errno;
@@ -31,6 +32,10 @@ pub enum MountpointError {
 /// connected"); it is detached so the new mount can take its place.
 /// Returns true if a stale mount was removed.
 pub fn prepare_mountpoint(path: &Path) -> Result<bool, MountpointError> {
+    if stale_kernel_mount(path) {
+        detach_stale(path)?;
+        return prepare_mountpoint(path).map(|_| true);
+    }
     match probe(path) {
         Ok(st)
             if rustix::fs::FileType::from_raw_mode(st.st_mode)
@@ -43,13 +48,7 @@ pub fn prepare_mountpoint(path: &Path) -> Result<bool, MountpointError> {
             source: io::Error::other("not a directory"),
         }),
         Err(Errno::NOTCONN) => {
-            rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
-                MountpointError::Stale {
-                    path: path.to_owned(),
-                    source: e.into(),
-                }
-            })?;
-            tracing::warn!(mountpoint = %path.display(), "removed a stale mount left by a dead daemon");
+            detach_stale(path)?;
             prepare_mountpoint(path).map(|_| true)
         }
         Err(e) => Err(MountpointError::NotADirectory {
@@ -57,6 +56,32 @@ pub fn prepare_mountpoint(path: &Path) -> Result<bool, MountpointError> {
             source: e.into(),
         }),
     }
+}
+
+fn detach_stale(path: &Path) -> Result<(), MountpointError> {
+    rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH).map_err(|e| {
+        MountpointError::Stale {
+            path: path.to_owned(),
+            source: e.into(),
+        }
+    })?;
+    tracing::warn!(mountpoint = %path.display(), "removed a stale mount left by a dead daemon");
+    Ok(())
+}
+
+/// True if a kernel EROFS mount of a Darter image is on top at `path` and
+/// the daemon that served its devices is dead: the mount itself still
+/// answers `statfs` (the kernel holds the superblock), but its devices'
+/// FUSE mount answers ENOTCONN, so every uncached read would fail.
+fn stale_kernel_mount(path: &Path) -> bool {
+    let Ok(Some(top)) = top_mount(path) else {
+        return false;
+    };
+    top.fstype == "erofs"
+        && top
+            .source
+            .parent()
+            .is_some_and(|devices| rustix::fs::statfs(devices).err() == Some(Errno::NOTCONN))
 }
 
 /// `stat` of `path`, after a `statfs` that a dead FUSE daemon's mount fails
@@ -74,36 +99,61 @@ fn probe(path: &Path) -> rustix::io::Result<rustix::fs::Stat> {
 /// chunk is 1 MiB. The device comes from `/proc/self/mountinfo`, not from
 /// stat(2): a stat would wait for the FUSE session to answer.
 pub fn set_readahead(path: &Path, kib: u32) -> io::Result<()> {
+    let top = top_mount(path)?.ok_or_else(|| {
+        io::Error::other(format!("{} is not in /proc/self/mountinfo", path.display()))
+    })?;
+    std::fs::write(
+        format!("/sys/class/bdi/{}/read_ahead_kb", top.device),
+        format!("{kib}\n"),
+    )
+}
+
+/// The mount on top at a path, as `/proc/self/mountinfo` tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopMount {
+    /// `major:minor` of the filesystem.
+    pub device: String,
+    /// Filesystem type (`fuse.darter`, `erofs`, ...).
+    pub fstype: String,
+    /// The mount source (for a file-backed EROFS mount, the image file).
+    pub source: PathBuf,
+}
+
+/// The mount on top at `path`, if `path` is a mountpoint.
+pub fn top_mount(path: &Path) -> io::Result<Option<TopMount>> {
+    let canonical = canonical_mountpoint(path)?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id parent major:minor root mountpoint options [optional...]
+    // - fstype source superoptions; the last match is the mount on top.
+    Ok(mountinfo.lines().rev().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        let mut fields = before.split(' ');
+        let device = fields.nth(2)?;
+        let mountpoint = fields.nth(1)?;
+        if unescape_mountinfo(mountpoint) != canonical.as_os_str().as_encoded_bytes() {
+            return None;
+        }
+        let mut after = after.split(' ');
+        let fstype = after.next()?;
+        let source = after.next()?;
+        Some(TopMount {
+            device: device.to_owned(),
+            fstype: fstype.to_owned(),
+            source: PathBuf::from(std::ffi::OsString::from_vec(unescape_mountinfo(source))),
+        })
+    }))
+}
+
+/// The canonical form of a mountpoint path, without stat-ing the path
+/// itself (that would wait on a FUSE mount there).
+fn canonical_mountpoint(path: &Path) -> io::Result<PathBuf> {
     let parent = match path.parent() {
         // `mnt` has the parent "", which canonicalize refuses.
         Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
         Some(parent) => parent,
         None => path,
     };
-    let canonical = std::fs::canonicalize(parent)?.join(path.file_name().unwrap_or_default());
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    // Fields: id parent major:minor root mountpoint ...; the last match is
-    // the mount on top.
-    let device = mountinfo
-        .lines()
-        .rev()
-        .find_map(|line| {
-            let mut fields = line.split(' ');
-            let device = fields.nth(2)?;
-            let mountpoint = fields.nth(1)?;
-            (unescape_mountinfo(mountpoint) == canonical.as_os_str().as_encoded_bytes())
-                .then_some(device)
-        })
-        .ok_or_else(|| {
-            io::Error::other(format!(
-                "{} is not in /proc/self/mountinfo",
-                canonical.display()
-            ))
-        })?;
-    std::fs::write(
-        format!("/sys/class/bdi/{device}/read_ahead_kb"),
-        format!("{kib}\n"),
-    )
+    Ok(std::fs::canonicalize(parent)?.join(path.file_name().unwrap_or_default()))
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, and so on).

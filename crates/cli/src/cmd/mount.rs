@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use darter_daemon::MountOptions;
 use darter_daemon::api;
+use darter_daemon::{Frontend, MountOptions};
 
 use crate::cli::MountArgs;
 use crate::config::MountConfig;
@@ -31,6 +31,16 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
         "all" => true,
         other => bail!("--prefetch must be none or all, not {other:?}"),
     };
+    let frontend = match args
+        .frontend
+        .as_deref()
+        .or(config.frontend.as_deref())
+        .unwrap_or("fuse")
+    {
+        "fuse" => Frontend::Fuse,
+        "erofs" => Frontend::Erofs,
+        other => bail!("--frontend must be fuse or erofs, not {other:?}"),
+    };
     if let Ok(existing) = api::query_stats(&args.mountpoint) {
         bail!(
             "{} is already served by darter (pid {}, image {})",
@@ -49,6 +59,7 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
         metrics_addr: args.metrics_addr.or(config.metrics_addr),
         threads: args.threads.or(config.threads).unwrap_or(DEFAULT_THREADS),
         store: store_options(&args.image),
+        frontend,
     };
     if args.daemon {
         return detach(args, ctx, &opts, prefetch_all);
@@ -108,6 +119,10 @@ fn detach(
     cmd.arg("--prefetch")
         .arg(if prefetch_all { "all" } else { "none" });
     cmd.arg("--threads").arg(opts.threads.to_string());
+    cmd.arg("--frontend").arg(match opts.frontend {
+        Frontend::Fuse => "fuse",
+        Frontend::Erofs => "erofs",
+    });
     if let Some(addr) = opts.metrics_addr {
         cmd.arg("--metrics-addr").arg(addr.to_string());
     }

@@ -412,6 +412,15 @@ fn log_path_beside(mountpoint: &Path) -> PathBuf {
     mountpoint.with_file_name(name)
 }
 
+/// `darter mount` flags for the kernel EROFS frontend.
+pub const KERNEL_EROFS: &[&str] = &["--frontend", "erofs"];
+
+/// Where the daemon serving `mountpoint` through the kernel EROFS frontend
+/// mounts its devices (as the daemon names it).
+pub fn devices_dir(mountpoint: &Path) -> PathBuf {
+    darter_daemon::api::devices_dir(mountpoint)
+}
+
 /// The API socket of the daemon serving `mountpoint` (as the daemon names it).
 pub fn api_socket(mountpoint: &Path) -> PathBuf {
     darter_daemon::api::socket_path(mountpoint)
