@@ -372,6 +372,9 @@ impl<S: BlobSource + 'static> ChunkStore<S> {
             end,
         };
         let after = first + placed.len();
+        // Reads that follow each other are a large file streamed, or the
+        // kernel reading neighbouring small files (the builder lays out a
+        // directory's files together): both are worth reading ahead.
         self.serve(&read, &placed, files, || {
             self.readahead_in_blob(blob, after, end)
         })

@@ -37,6 +37,11 @@ impl KernelMount {
             })?;
             options.push(format!("device={path}"));
         }
+        // Direct reads of the devices: no page cache and no readahead of
+        // their own (the driver reads ahead within each file; a device's
+        // readahead would run on into files nobody opened), and no second
+        // copy of the data in memory.
+        options.push("directio".to_owned());
         let options = options.join(",");
         if options.len() > MAX_MOUNT_DATA {
             return Err(self.error(std::io::Error::other(format!(
@@ -69,7 +74,14 @@ impl KernelMount {
             rustix::mount::MountFlags::RDONLY,
             options.as_c_str(),
         )
-        .map_err(|e| self.error(e.into()))
+        .map_err(|e| self.error(e.into()))?;
+        // The driver reads metadata through the bootstrap file's page
+        // cache: fill it now, in one pass of large reads, rather than one
+        // FUSE round trip per metadata block the first lookups touch.
+        if let Err(e) = std::fs::read(self.bootstrap()) {
+            tracing::warn!(error = %e, "cannot preload the bootstrap; metadata is read on demand");
+        }
+        Ok(())
     }
 
     /// True while our EROFS mount is the one on top at the mountpoint.

@@ -18,10 +18,6 @@ use crate::{http, metrics};
 /// Kernel readahead of a mount: one chunk, so sequential reads of a large
 /// file ask for whole chunks.
 const READAHEAD_KIB: u32 = 1024;
-/// Kernel readahead of a devices filesystem: none. The EROFS driver reads
-/// ahead within each file itself; a device's own readahead would run on
-/// into the next files of the address space, which nobody asked for.
-const DEVICES_READAHEAD_KIB: u32 = 0;
 
 /// How to run a mount.
 #[derive(Debug, Clone)]
@@ -125,16 +121,14 @@ pub fn mount<S: BlobSource + 'static>(
     match opts.frontend {
         Frontend::Fuse => {
             let fs = DarterFs::new(mount.store.clone(), FsOptions::default());
-            let session =
-                start_session(fs, mountpoint, &mount.fuse_config(opts, ""), READAHEAD_KIB)?;
+            let session = start_session(fs, mountpoint, &mount.fuse_config(opts, ""))?;
             mount.serve(session, None, opts, ready)
         }
         Frontend::Erofs => {
             let devices = crate::api::devices_dir(mountpoint);
             prepare_devices_dir(&devices)?;
             let fs = DevicesFs::new(mount.store.clone());
-            let config = mount.fuse_config(opts, "devices:");
-            let session = start_session(fs, &devices, &config, DEVICES_READAHEAD_KIB)?;
+            let session = start_session(fs, &devices, &mount.fuse_config(opts, "devices:"))?;
             let kernel = KernelMount {
                 devices,
                 mountpoint: mountpoint.to_owned(),
@@ -149,14 +143,13 @@ fn start_session<FS: fuser::Filesystem>(
     fs: FS,
     at: &Path,
     config: &fuser::Config,
-    readahead_kib: u32,
 ) -> Result<fuser::Session<FS>, DaemonError> {
     let session = fuser::Session::new(fs, at, config).map_err(|source| DaemonError::Io {
         op: "mount at",
         what: at.display().to_string(),
         source,
     })?;
-    if let Err(e) = darter_fuse::set_readahead(at, readahead_kib) {
+    if let Err(e) = darter_fuse::set_readahead(at, READAHEAD_KIB) {
         tracing::warn!(error = %e, "cannot raise the mount's readahead; large reads will be split");
     }
     Ok(session)
@@ -227,16 +220,20 @@ impl<S: BlobSource + 'static> Mount<S> {
                     return Err(e);
                 }
                 let devices = kernel.devices.clone();
+                let watched = devices.clone();
                 kernel.watch_unmount(move || {
                     tracing::info!("the kernel mount is gone; unmounting its devices");
-                    unmount_when_idle(&unmounter, &devices);
+                    unmount_when_idle(&unmounter, &watched);
                 });
                 self.start_api(&socket, opts)?;
                 ready();
-                serving
+                let served = serving
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session panicked")))
-                    .map_err(serve_error)
+                    .map_err(serve_error);
+                // Empty once the session has ended; nothing to do if not.
+                let _ = std::fs::remove_dir(&devices);
+                served
             }
         };
         shutdown.mark_ended();
@@ -458,7 +455,9 @@ fn unmount_when_idle(unmounter: &Mutex<fuser::SessionUnmounter>, mountpoint: &Pa
     let deadline = Instant::now() + UNMOUNT_BUSY_WAIT;
     loop {
         match rustix::mount::unmount(mountpoint, rustix::mount::UnmountFlags::empty()) {
-            Ok(()) => return Unmounted::Cleanly,
+            // EINVAL: not a mount point (any more): someone else unmounted
+            // it first (the user, or the kernel frontend's watcher).
+            Ok(()) | Err(rustix::io::Errno::INVAL) => return Unmounted::Cleanly,
             Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
                 std::thread::sleep(UNMOUNT_RETRY);
             }
