@@ -56,6 +56,32 @@ pub enum Command {
     Cache(CacheCommand),
     /// Serve containerd's snapshots API (a proxy snapshotter) until SIGINT or SIGTERM.
     Snapshotter(SnapshotterArgs),
+    /// Run the P2P scheduler (the control plane peers register with) until SIGINT or SIGTERM.
+    Scheduler(crate::cmd::p2p::SchedulerArgs),
+    /// Run a P2P peer (registry mirror, piece server, piece store), or show one's counters.
+    Peer(crate::cmd::p2p::PeerArgs),
+    /// Make a Darter image runnable in containerd without downloading its layers.
+    Pull(PullArgs),
+}
+
+/// `darter pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// The image: [docker://]REGISTRY/REPO[:TAG|@DIGEST] (or oci:PATH[:TAG]).
+    pub image: String,
+    /// containerd's socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    pub address: PathBuf,
+    /// The containerd snapshotter serving Darter images (a `darter snapshotter`).
+    #[arg(long, value_name = "NAME", default_value = "darter")]
+    pub snapshotter: String,
+    /// The containerd namespace.
+    #[arg(short, long, value_name = "NAME", default_value = "default")]
+    pub namespace: String,
 }
 
 /// `darter snapshotter`.

@@ -46,6 +46,12 @@ impl Snapshotter {
     /// are `dir/snapshotter.sock` and `dir/root`; it logs to
     /// `dir/snapshotter.log` (appending, across restarts).
     fn start(dir: &Path) -> Snapshotter {
+        Snapshotter::start_with_config(dir, Path::new("/dev/null"))
+    }
+
+    /// [`Snapshotter::start`] with the darter config file `config` (the
+    /// lazy mounts it makes get it too).
+    fn start_with_config(dir: &Path, config: &Path) -> Snapshotter {
         let log = File::options()
             .create(true)
             .append(true)
@@ -56,7 +62,7 @@ impl Snapshotter {
             .arg(dir.join("snapshotter.sock"))
             .arg("--root")
             .arg(dir.join("root"))
-            .env("DARTER_CONFIG", "/dev/null")
+            .env("DARTER_CONFIG", config)
             // Every snapshot operation, without the gRPC stack's chatter.
             .env("DARTER_LOG", "info,darter_snapshotter=debug")
             .stdin(Stdio::null())
@@ -171,6 +177,22 @@ fn assert_parents_committed(listed: &[Listed]) {
     }
 }
 
+/// What the snapshotter at `socket` lists, asserted to be `count`
+/// committed layers, each on a committed parent.
+#[track_caller]
+fn committed_layers(socket: &Path, count: usize) -> Vec<Listed> {
+    let layers = listed(socket);
+    assert_eq!(layers.len(), count, "{layers:?}");
+    assert!(
+        layers
+            .iter()
+            .all(|(_, kind, _)| *kind == Kind::Committed as i32),
+        "{layers:?}"
+    );
+    assert_parents_committed(&layers);
+    layers
+}
+
 /// Asserts nothing is mounted below `dirs`, and the snapshotter's root
 /// holds no snapshot, staged or trashed directory.
 #[track_caller]
@@ -251,15 +273,8 @@ fn python_image_pulled_through_darter_runs_and_removal_deletes_every_snapshot() 
     let containerd = Containerd::start(&[(PLUGIN, &snapshotter.socket())]).unwrap();
 
     pull(&containerd, &reference);
-    let layers = listed(&snapshotter.socket());
-    assert_eq!(layers.len(), 2, "two layers, one snapshot each: {layers:?}");
-    assert!(
-        layers
-            .iter()
-            .all(|(_, kind, _)| *kind == Kind::Committed as i32),
-        "{layers:?}"
-    );
-    assert_parents_committed(&layers);
+    // Two layers, one snapshot each.
+    let layers = committed_layers(&snapshotter.socket(), 2);
     assert_eq!(
         layers
             .iter()
@@ -489,4 +504,188 @@ fn a_snapshotter_killed_mid_workload_restarts_consistent() {
         }
     });
     assert_all_gone(&root, &[dir.path()]);
+}
+
+/// A Darter image in a registry, pulled with `darter pull` into a
+/// containerd whose `darter` snapshotter mounts it lazily. Declared in
+/// this order, they are dropped so that containers go first, then the lazy
+/// mounts (their daemons exit), then the snapshotter and its directory.
+struct LazySetup {
+    containerd: Containerd,
+    _lazy_mounts: UnmountUnder,
+    snapshotter: Option<Snapshotter>,
+    dir: tempfile::TempDir,
+    scratch: registry_common::Scratch,
+    _registry: darter_testkit::registry::TestRegistry,
+    /// `HOST/test/python:darter`, as containerd names the image.
+    reference: String,
+    /// The plain OCI image it was converted from.
+    plain: String,
+}
+
+/// Unmounts everything below a directory on drop (a lazy mount's daemon
+/// exits when its mount goes).
+struct UnmountUnder(PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let mut mounts = mounts_under(&self.0).unwrap_or_default();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        drop(
+            mounts
+                .into_iter()
+                .map(darter_testkit::process::MountGuard::new)
+                .collect::<Vec<_>>(),
+        );
+    }
+}
+
+impl LazySetup {
+    /// Converts the python image to a Darter image in the registry, starts
+    /// the snapshotter and containerd, and pulls the image with `darter pull`.
+    fn pulled() -> LazySetup {
+        let (registry, scratch, _source) = registry_with_python("test/python");
+        let host = registry.host();
+        let reference = format!("{host}/test/python:darter");
+        scratch.build(
+            registry_common::docker(&host, "test/python:oci"),
+            &reference,
+            &[],
+        );
+        // The mounts' chunk cache is the test's own.
+        let config = scratch.path("config.toml");
+        let mut toml = std::fs::read_to_string(&config).unwrap();
+        toml = format!("[mount]\ncache = {:?}\n\n{toml}", scratch.path("cache"));
+        std::fs::write(&config, toml).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let snapshotter = Snapshotter::start_with_config(dir.path(), &config);
+        let lazy_mounts = UnmountUnder(dir.path().to_path_buf());
+        let containerd = Containerd::start(&[(PLUGIN, &snapshotter.socket())]).unwrap();
+        let setup = LazySetup {
+            containerd,
+            _lazy_mounts: lazy_mounts,
+            snapshotter: Some(snapshotter),
+            dir,
+            scratch,
+            _registry: registry,
+            reference,
+            plain: format!("{host}/test/python:oci"),
+        };
+        setup.darter_pull(&setup.reference).ok();
+        setup
+    }
+
+    fn darter_pull(&self, reference: &str) -> common::Outcome {
+        let socket = self.containerd.socket().as_os_str().to_owned();
+        self.scratch.darter([
+            "pull".as_ref(),
+            reference.as_ref(),
+            "--address".as_ref(),
+            socket.as_os_str(),
+            "--namespace".as_ref(),
+            darter_testkit::containerd::NAMESPACE.as_ref(),
+        ] as [&std::ffi::OsStr; 6])
+    }
+
+    fn snapshotter(&self) -> &Snapshotter {
+        self.snapshotter.as_ref().unwrap()
+    }
+
+    /// The one lazy mount below the snapshotter's root.
+    fn lazy_mount(&self) -> PathBuf {
+        let mounts = mounts_under(&self.snapshotter().root()).unwrap();
+        let [mount] = &mounts[..] else {
+            panic!("one lazy mount expected: {mounts:?}");
+        };
+        mount.clone()
+    }
+}
+
+#[test]
+fn a_darter_image_runs_from_a_lazy_mount_and_removal_unmounts_it() {
+    let setup = LazySetup::pulled();
+    let socket = setup.snapshotter().socket();
+
+    // Every layer committed by the snapshotter itself, none downloaded:
+    // two blob layers (empty) and the bootstrap (the lazy mount).
+    committed_layers(&socket, 3);
+    let lazy = setup.lazy_mount();
+    let at_pull = mount_common::try_stats(&lazy).expect("the lazy mount serves");
+
+    run_python(&setup.containerd, &setup.reference, "lazy-1");
+    let after_run = mount_common::try_stats(&lazy).unwrap();
+    assert_eq!(after_run.pid, at_pull.pid);
+    assert!(
+        after_run.backend_bytes > at_pull.backend_bytes
+            && after_run.backend_bytes < after_run.image_bytes / 10,
+        "running python fetches part of the image: {after_run:?}"
+    );
+
+    ctr(
+        &setup.containerd,
+        &["images", "rm", "--sync", &setup.reference],
+    );
+    assert_eq!(listed(&socket), Vec::<Listed>::new());
+    assert!(
+        !darter_testkit::containerd::is_running(after_run.pid),
+        "the mount daemon has exited"
+    );
+    assert_all_gone(
+        &setup.snapshotter().root(),
+        &[setup.dir.path(), setup.containerd.path()],
+    );
+}
+
+#[test]
+fn a_plain_image_is_pulled_in_full_by_darter_pull() {
+    let setup = LazySetup::pulled();
+    let socket = setup.snapshotter().socket();
+    setup.darter_pull(&setup.plain).ok().mentions(&[
+        "not a Darter image: pulling in full",
+        "2 layers, all downloaded and unpacked",
+    ]);
+    // Its two layers unpacked, beside the Darter image's three.
+    committed_layers(&socket, 5);
+    run_python(&setup.containerd, &setup.plain, "plain-1");
+
+    ctr(&setup.containerd, &["images", "rm", "--sync", &setup.plain]);
+    committed_layers(&socket, 3);
+    run_python(&setup.containerd, &setup.reference, "lazy-beside-plain");
+}
+
+#[test]
+fn a_restarted_snapshotter_mounts_its_remote_layers_again() {
+    let mut setup = LazySetup::pulled();
+    let lazy = setup.lazy_mount();
+    let before = listed(&setup.snapshotter().socket());
+
+    let daemon = mount_common::try_stats(&lazy).unwrap().pid;
+
+    // The snapshotter and its mount both gone, as after a reboot.
+    setup.snapshotter.take().unwrap().kill();
+    drop(darter_testkit::process::MountGuard::new(&lazy));
+    wait_until(START_TIMEOUT, "the lazy mount and its daemon to go", || {
+        mounts_under(&lazy).unwrap().is_empty() && !darter_testkit::containerd::is_running(daemon)
+    });
+
+    let config = setup.scratch.path("config.toml");
+    setup.snapshotter = Some(Snapshotter::start_with_config(setup.dir.path(), &config));
+    assert_eq!(listed(&setup.snapshotter().socket()), before);
+    let again = mount_common::try_stats(&lazy).expect("mounted again before serving");
+    assert_ne!(again.pid, daemon);
+    wait_until(
+        START_TIMEOUT,
+        "containerd to reach the restarted snapshotter",
+        || {
+            darter_testkit::process::try_run(&mut setup.containerd.ctr([
+                "snapshots",
+                "--snapshotter",
+                PLUGIN,
+                "ls",
+            ]))
+            .is_ok()
+        },
+    );
+    run_python(&setup.containerd, &setup.reference, "lazy-after-restart");
 }

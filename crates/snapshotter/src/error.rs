@@ -62,6 +62,14 @@ pub enum Error {
     Corrupt { key: String, message: String },
     #[error("a background task failed: {0}")]
     Task(String),
+    #[error("lazy mount of {image} at {}: cannot {what}: {source}", mountpoint.display())]
+    Lazy {
+        what: &'static str,
+        image: String,
+        mountpoint: PathBuf,
+        #[source]
+        source: crate::remote::LazyError,
+    },
 }
 
 impl Error {
@@ -96,7 +104,8 @@ impl Error {
             | Error::UnsupportedFormat { .. }
             | Error::Database(_)
             | Error::Corrupt { .. }
-            | Error::Task(_) => Code::Internal,
+            | Error::Task(_)
+            | Error::Lazy { .. } => Code::Internal,
         }
     }
 }

@@ -54,6 +54,11 @@ impl Selector {
         let value = field(snapshot, &self.fieldpath);
         match &self.test {
             Test::Present => value.is_some(),
+            // containerd finds a remote snapshot of a bottom layer with
+            // `parent==""`: a missing parent is the empty one.
+            Test::Equal(expected) if self.fieldpath == ["parent"] => {
+                value.unwrap_or("") == expected
+            }
             Test::Equal(expected) => value == Some(expected.as_str()),
             // As containerd: an absent field is "" and differs from any other value.
             Test::NotEqual(expected) => value.unwrap_or("") != expected,
@@ -249,6 +254,7 @@ mod tests {
             (&["kind==view", "kind==active"], false, true),
             (&["parent"], false, true),
             (&["parent==\"ns/1/sha256:aa\""], false, true),
+            (&["parent==\"\""], true, false),
             (&["name==ns/2/c1"], false, true),
             (&["labels.\"containerd.io/gc.root\""], true, false),
             (

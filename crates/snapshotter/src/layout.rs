@@ -182,6 +182,25 @@ impl Layout {
         Ok(moved)
     }
 
+    /// The `fs` directories of snapshots not in `live` that something is
+    /// mounted on.
+    pub fn mounted_orphans(&self, live: &BTreeSet<u64>) -> Result<Vec<PathBuf>, Error> {
+        let snapshots = self.snapshots();
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&snapshots).map_err(Error::io("list", &snapshots))? {
+            let entry = entry.map_err(Error::io("list", &snapshots))?;
+            let id = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok());
+            let fs_dir = entry.path().join("fs");
+            if id.is_some_and(|id| !live.contains(&id)) && is_mount_point(&fs_dir) {
+                out.push(fs_dir);
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes everything in `trash/`.
     pub fn empty_trash(&self) -> Result<(), Error> {
         let _deleting = self.lock_deletions();

@@ -10,9 +10,15 @@
 //! (`server.rs`). After a crash the metadata is as the last committed
 //! transaction left it, and directories no record owns are deleted.
 //!
+//! Layers of Darter images are remote snapshots (`remote.rs`): committed
+//! without containerd downloading anything, the image's last layer being a
+//! lazy mount that a [`LazyMounts`] implementation (the `darter` binary)
+//! makes and undoes at the snapshot's `fs` directory.
+//!
 //! It must not mount anything itself (containerd performs the mounts it
-//! returns), touch files outside its root, or trust its database blindly:
-//! a damaged record is an error naming its key, never a panic.
+//! returns, `LazyMounts` the lazy ones), touch files outside its root, or
+//! trust its database blindly: a damaged record is an error naming its
+//! key, never a panic.
 
 #![forbid(unsafe_code)]
 
@@ -20,12 +26,16 @@ mod error;
 mod filter;
 mod layout;
 mod mounts;
+mod remote;
 mod server;
 mod snapshotter;
 mod store;
 
 pub use containerd_snapshots::{api, tonic};
 pub use error::{Error, ServeError};
-pub use server::{connect, run, serve};
+pub use remote::{
+    LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_TARGET, LazyError, LazyMounts, chain_ids,
+};
+pub use server::{connect, run, run_with, serve};
 pub use snapshotter::{OverlaySnapshotter, Snapshots};
 pub use store::{Kind, Labels, Layer, Record, Snapshot, Usage};

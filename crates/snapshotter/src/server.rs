@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_snapshots::api::snapshots::v1::snapshots_client::SnapshotsClient;
@@ -15,6 +16,7 @@ use containerd_snapshots::tonic::transport::{Channel, Endpoint, Server};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::error::ServeError;
+use crate::remote::LazyMounts;
 use crate::snapshotter::OverlaySnapshotter;
 
 /// Mode of the socket: only root may drive the snapshotter.
@@ -34,9 +36,7 @@ pub async fn serve(
     tracing::info!(socket = %socket.display(), root = %snapshotter.snapshots().root().display(), "serving containerd's snapshots API");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()
-        .add_service(containerd_snapshots::server(std::sync::Arc::new(
-            snapshotter,
-        )))
+        .add_service(containerd_snapshots::server(Arc::new(snapshotter)))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             async {
@@ -67,6 +67,15 @@ pub async fn serve(
 /// or SIGTERM, on a runtime of its own: the whole life of `darter
 /// snapshotter`.
 pub fn run(root: &Path, socket: &Path) -> Result<(), ServeError> {
+    run_with(root, socket, None)
+}
+
+/// [`run`], serving Darter images lazily through `lazy`.
+pub fn run_with(
+    root: &Path,
+    socket: &Path,
+    lazy: Option<Arc<dyn LazyMounts>>,
+) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,9 +91,10 @@ pub fn run(root: &Path, socket: &Path) -> Result<(), ServeError> {
             source,
         })?;
         let root = root.to_path_buf();
-        let snapshotter = tokio::task::spawn_blocking(move || OverlaySnapshotter::open(&root))
-            .await
-            .map_err(|err| crate::Error::Task(err.to_string()))??;
+        let snapshotter =
+            tokio::task::spawn_blocking(move || OverlaySnapshotter::open_with(&root, lazy))
+                .await
+                .map_err(|err| crate::Error::Task(err.to_string()))??;
         serve(snapshotter, socket, signals).await
     })
 }

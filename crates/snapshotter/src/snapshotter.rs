@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use containerd_snapshots::api::types::Mount;
 use containerd_snapshots::{Info, tonic};
@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::filter::Filters;
 use crate::layout::{self, Layout};
 use crate::mounts::{self, MountSpec};
+use crate::remote::{self, LazyMounts};
 use crate::store::{self, Kind, Labels, Layer, NewSnapshot, Snapshot, Store, Usage};
 
 /// Longest key plus value of one label, as containerd's `labels.Validate`.
@@ -24,6 +25,11 @@ pub struct Snapshots {
     layout: Layout,
     store: Store,
     overlay_options: Vec<String>,
+    /// Serves Darter images lazily; without it every layer is unpacked.
+    lazy: Option<Arc<dyn LazyMounts>>,
+    /// Held while a remote layer is being committed and mounted, so that a
+    /// concurrent Prepare of the same layer answers only once it serves.
+    remote_lock: Mutex<()>,
 }
 
 impl Snapshots {
@@ -33,6 +39,13 @@ impl Snapshots {
     /// What cannot be cleared now (e.g. something mounted there) is logged
     /// and left for the next Cleanup: it takes no snapshot's place.
     pub fn open(root: &Path) -> Result<Snapshots, Error> {
+        Snapshots::open_with(root, None)
+    }
+
+    /// [`Snapshots::open`], serving Darter images lazily through `lazy`:
+    /// remote layers whose mount is gone (the machine rebooted, a mount
+    /// daemon died) are mounted again before it returns.
+    pub fn open_with(root: &Path, lazy: Option<Arc<dyn LazyMounts>>) -> Result<Snapshots, Error> {
         let layout = Layout::create(root)?;
         // The database lock first: another process may be serving `root`.
         let store = Store::open(&store::database_path(root))?;
@@ -40,6 +53,8 @@ impl Snapshots {
             layout,
             store,
             overlay_options: mounts::overlay_options(),
+            lazy,
+            remote_lock: Mutex::new(()),
         };
         if let Err(err) = snapshots
             .layout
@@ -48,7 +63,36 @@ impl Snapshots {
         {
             tracing::warn!(%err, "cannot clear what an earlier process left; going on");
         }
+        snapshots.mount_remote_layers()?;
         Ok(snapshots)
+    }
+
+    /// Mounts every remote layer that no mount serves. One that fails is
+    /// logged: its snapshot stays, and its users get errors until removed.
+    fn mount_remote_layers(&self) -> Result<(), Error> {
+        for snapshot in self.store.list()? {
+            let Layer::Remote { image, mountpoint } = &snapshot.record.layer else {
+                continue;
+            };
+            let Some(lazy) = &self.lazy else {
+                tracing::warn!(
+                    key = snapshot.key,
+                    image,
+                    "a remote layer, and no lazy mounts to serve it"
+                );
+                continue;
+            };
+            if lazy.is_served(mountpoint) {
+                continue;
+            }
+            match lazy.mount(image, mountpoint) {
+                Ok(()) => tracing::info!(key = snapshot.key, image, "mounted a remote layer again"),
+                Err(err) => {
+                    tracing::warn!(key = snapshot.key, image, %err, "cannot mount a remote layer again");
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -67,6 +111,14 @@ impl Snapshots {
         require_name("key", key)?;
         validate_labels(&labels)?;
         let parent = (!parent.is_empty()).then_some(parent);
+        if kind == Kind::Active
+            && let Some((target, image)) = remote::remote_request(&labels)
+            && self.commit_remote(target, image, parent, &labels)?
+        {
+            return Err(Error::AlreadyExists {
+                key: target.to_owned(),
+            });
+        }
         // The parent's owner, read ahead; `create` checks the parent again.
         let parent_fs = parent
             .and_then(|p| self.store.get(p).ok())
@@ -89,6 +141,99 @@ impl Snapshots {
             "created"
         );
         Ok(self.mounts_of(&snapshot, &parents))
+    }
+
+    /// Commits the layer `target` of the Darter image `image` on `parent`
+    /// without anything written to it, as containerd's remote snapshotters
+    /// do; whether it did (false: not a Darter image or not one of its
+    /// layers, to be unpacked as usual). A layer already committed is
+    /// there: true.
+    fn commit_remote(
+        &self,
+        target: &str,
+        image: &str,
+        parent: Option<&str>,
+        labels: &Labels,
+    ) -> Result<bool, Error> {
+        let Some(lazy) = &self.lazy else {
+            return Ok(false);
+        };
+        let _one_at_a_time = self
+            .remote_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self
+            .store
+            .get(target)
+            .is_ok_and(|s| s.record.kind == Kind::Committed)
+        {
+            return Ok(true);
+        }
+        // An image it cannot read may well be a plain one whose registry
+        // only the caller can reach: containerd unpacks it, as remote
+        // snapshotters do when they cannot help.
+        let diff_ids = match lazy.darter_diff_ids(image) {
+            Ok(Some(diff_ids)) => diff_ids,
+            Ok(None) => {
+                tracing::info!(image, "not a Darter image: its layers are unpacked");
+                return Ok(false);
+            }
+            Err(err) => {
+                tracing::warn!(image, %err, "cannot read the image: its layers are unpacked");
+                return Ok(false);
+            }
+        };
+        let chain = remote::chain_ids(&diff_ids);
+        let Some(position) = chain.iter().position(|id| id == target) else {
+            tracing::info!(image, target, "not a layer of this Darter image: unpacked");
+            return Ok(false);
+        };
+        let is_top = position + 1 == chain.len();
+        let staged = self.layout.stage(Kind::View, None)?;
+        let new = NewSnapshot {
+            key: target,
+            parent,
+            kind: Kind::Committed,
+            labels: labels.clone(),
+        };
+        let layer_of = |id| {
+            if is_top {
+                Layer::Remote {
+                    image: image.to_owned(),
+                    mountpoint: self.layout.fs_dir(id),
+                }
+            } else {
+                // Its files are in the bootstrap's tree, which the top
+                // layer mounts.
+                Layer::Directory
+            }
+        };
+        let snapshot = self
+            .store
+            .create_committed(new, layer_of, |id| staged.place(&self.layout, id))?;
+        if let Layer::Remote { mountpoint, .. } = &snapshot.record.layer
+            && let Err(source) = lazy.mount(image, mountpoint)
+        {
+            let err = Error::Lazy {
+                what: "mount",
+                image: image.to_owned(),
+                mountpoint: mountpoint.clone(),
+                source,
+            };
+            // Not served: forget it, so that a retry starts afresh.
+            if let Err(undo) = self.remove(target) {
+                tracing::warn!(target, %undo, "cannot forget a remote layer that failed to mount");
+            }
+            return Err(err);
+        }
+        tracing::debug!(
+            target,
+            image,
+            id = snapshot.record.id,
+            is_top,
+            "committed a remote layer"
+        );
+        Ok(true)
     }
 
     /// The mounts of the active snapshot or view `key`.
@@ -163,14 +308,26 @@ impl Snapshots {
     pub fn remove(&self, key: &str) -> Result<(), Error> {
         let removed = self.store.remove(key)?;
         let id = removed.record.id;
-        match removed.record.layer {
-            Layer::Directory => {}
+        if let Layer::Remote { image, mountpoint } = &removed.record.layer {
+            self.unmount_remote(image, mountpoint);
         }
         if let Err(err) = self.layout.delete_snapshot_dir(id) {
             tracing::warn!(key, id, %err, "removed; its directory is left for cleanup");
         }
         tracing::debug!(key, id, "removed");
         Ok(())
+    }
+
+    /// Undoes a lazy mount whose record is gone. A failure is logged: the
+    /// directory stays mounted and [`Snapshots::cleanup`] tries again.
+    fn unmount_remote(&self, image: &str, mountpoint: &Path) {
+        let Some(lazy) = &self.lazy else {
+            tracing::warn!(image, mountpoint = %mountpoint.display(), "no lazy mounts to unmount a remote layer");
+            return;
+        };
+        if let Err(err) = lazy.unmount(mountpoint) {
+            tracing::warn!(image, mountpoint = %mountpoint.display(), %err, "cannot unmount a remote layer");
+        }
     }
 
     pub fn stat(&self, key: &str) -> Result<Snapshot, Error> {
@@ -229,9 +386,13 @@ impl Snapshots {
     /// Deletes directories no snapshot owns: orphans of crashes, and
     /// removals whose deletion failed earlier.
     pub fn cleanup(&self) -> Result<(), Error> {
-        let moved = self
-            .store
-            .with_writers_paused(|live| self.layout.trash_orphans(live))??;
+        let moved = self.store.with_writers_paused(|live| {
+            // A lazy mount whose record a crash forgot before unmounting.
+            for mountpoint in self.layout.mounted_orphans(live)? {
+                self.unmount_remote("(forgotten)", &mountpoint);
+            }
+            self.layout.trash_orphans(live)
+        })??;
         if moved > 0 {
             tracing::info!(moved, "found orphan snapshot directories");
         }
@@ -285,8 +446,16 @@ pub struct OverlaySnapshotter {
 impl OverlaySnapshotter {
     /// Opens the snapshotter at `root`, as [`Snapshots::open`].
     pub fn open(root: &Path) -> Result<OverlaySnapshotter, Error> {
+        OverlaySnapshotter::open_with(root, None)
+    }
+
+    /// Opens the snapshotter at `root`, as [`Snapshots::open_with`].
+    pub fn open_with(
+        root: &Path,
+        lazy: Option<Arc<dyn LazyMounts>>,
+    ) -> Result<OverlaySnapshotter, Error> {
         Ok(OverlaySnapshotter {
-            inner: Arc::new(Snapshots::open(root)?),
+            inner: Arc::new(Snapshots::open_with(root, lazy)?),
         })
     }
 

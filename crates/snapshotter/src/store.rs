@@ -86,6 +86,19 @@ pub enum Layer {
     /// A directory on the snapshotter's own filesystem: the bind mount or
     /// overlay upper directory containerd writes through, frozen by Commit.
     Directory,
+    /// A Darter image mounted lazily (a `darter mount` daemon) at the
+    /// snapshot's `fs` directory: the image's whole merged tree, fetched as
+    /// it is read. Always committed. The record is written before the mount
+    /// is made and forgotten before it is undone, so a snapshotter starting
+    /// after a crash mounts again what a record names and unmounts what no
+    /// record names.
+    Remote {
+        /// The image reference the mount serves (`REGISTRY/REPO:TAG`,
+        /// `oci:PATH[:TAG]`).
+        image: String,
+        /// Where it is mounted: the snapshot's `fs` directory.
+        mountpoint: PathBuf,
+    },
 }
 
 /// What the store keeps per snapshot.
@@ -207,6 +220,36 @@ impl Store {
         new: NewSnapshot<'_>,
         place: impl FnOnce(u64) -> Result<(), Error>,
     ) -> Result<(Snapshot, Vec<u64>), Error> {
+        self.insert(new, |_| Layer::Directory, None, place)
+    }
+
+    /// Records the committed snapshot `new.key` (whose `kind` must be
+    /// committed) directly, with no active snapshot before it: a layer this
+    /// snapshotter did not write. `layer_of(id)` says where its files come
+    /// from; `place` as for [`Store::create`].
+    pub fn create_committed(
+        &self,
+        new: NewSnapshot<'_>,
+        layer_of: impl FnOnce(u64) -> Layer,
+        place: impl FnOnce(u64) -> Result<(), Error>,
+    ) -> Result<Snapshot, Error> {
+        if new.kind != Kind::Committed {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot {:?} would be recorded committed while {}",
+                new.key,
+                new.kind.name()
+            )));
+        }
+        Ok(self.insert(new, layer_of, Some(Usage::default()), place)?.0)
+    }
+
+    fn insert(
+        &self,
+        new: NewSnapshot<'_>,
+        layer_of: impl FnOnce(u64) -> Layer,
+        usage: Option<Usage>,
+        place: impl FnOnce(u64) -> Result<(), Error>,
+    ) -> Result<(Snapshot, Vec<u64>), Error> {
         let txn = self.db.begin_write().map_err(Error::db)?;
         let created = {
             let mut snapshots = txn.open_table(SNAPSHOTS).map_err(Error::db)?;
@@ -228,8 +271,8 @@ impl Store {
                 labels: new.labels,
                 created: now,
                 updated: now,
-                usage: None,
-                layer: Layer::Directory,
+                usage,
+                layer: layer_of(id),
             };
             write(&mut snapshots, new.key, &record)?;
             if let Some(parent) = new.parent {

@@ -245,8 +245,9 @@ fn kill_all(pids: &BTreeSet<u32>) {
     }
 }
 
-/// Whether `pid` exists and is not a zombie.
-fn is_running(pid: u32) -> bool {
+/// Whether `pid` exists and is not a zombie (an exited daemon whose
+/// parent has not reaped it yet is not running).
+pub fn is_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))

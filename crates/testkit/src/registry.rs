@@ -172,6 +172,16 @@ impl TestRegistry {
         log.lines().filter(|line| is_api_request(line)).count() as u64
     }
 
+    /// How many response body bytes the registry has sent for `/v2/...`
+    /// requests so far, from its access log (late as [`Self::requests_served`]).
+    pub fn bytes_served(&self) -> u64 {
+        let log = std::fs::read_to_string(log_path(self.dir.path(), self.addr)).unwrap_or_default();
+        log.lines()
+            .filter(|line| is_api_request(line))
+            .filter_map(response_size)
+            .sum()
+    }
+
     /// The token service, for registries started with [`RegistryAuth::Token`].
     pub fn token_service(&self) -> Option<&TokenService> {
         self.token_service.as_ref()
@@ -219,6 +229,13 @@ fn is_api_request(line: &str) -> bool {
         .is_some_and(|(method, path)| {
             method.chars().all(|c| c.is_ascii_uppercase()) && path.starts_with("/v2/")
         })
+}
+
+/// The response size of an access log line: `... "REQUEST" STATUS SIZE ...`.
+fn response_size(line: &str) -> Option<u64> {
+    let (_, request_and_rest) = line.split_once("] \"")?;
+    let (_, rest) = request_and_rest.split_once("\" ")?;
+    rest.split(' ').nth(1)?.parse().ok()
 }
 
 /// Where the registry at `addr` with its data in `dir` logs.
@@ -679,6 +696,17 @@ mod tests {
         ] {
             assert_eq!(is_api_request(line), api, "{line}");
         }
+    }
+
+    #[test]
+    fn access_log_lines_tell_response_sizes() {
+        let line = r#"127.0.0.1 - - [28/Nov/2026:14:11:22 +0000] "GET /v2/a/blobs/x HTTP/1.1" 206 4194304 "" "c""#;
+        assert_eq!(response_size(line), Some(4_194_304));
+        assert_eq!(
+            response_size(r#"x [t] "HEAD /v2/ HTTP/1.1" 200 - "" "c""#),
+            None
+        );
+        assert_eq!(response_size("garbage"), None);
     }
 
     #[test]

@@ -8,6 +8,8 @@ mod copy;
 mod export;
 mod inspect;
 mod mount;
+pub(crate) mod p2p;
+mod pull;
 mod snapshotter;
 mod stats;
 mod unpack;
@@ -41,7 +43,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Mount(a) => mount::run(&a, &ctx, &config.mount),
         Command::Stats(a) => stats::run(&a),
         Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
-        Command::Snapshotter(a) => snapshotter::run(&a),
+        Command::Snapshotter(a) => snapshotter::run(&a, &ctx, &config),
+        Command::Pull(a) => pull::run(&a, &ctx),
+        Command::Scheduler(a) => p2p::scheduler(&a),
+        Command::Peer(a) => p2p::peer(&a),
     }
 }
 
@@ -145,7 +150,12 @@ fn image_args(command: &Command) -> Vec<&str> {
         Command::Export(a) => vec![&a.image],
         Command::Copy(a) => vec![&a.source, &a.destination],
         Command::Mount(a) => vec![&a.image],
-        Command::Stats(_) | Command::Cache(_) | Command::Snapshotter(_) => Vec::new(),
+        Command::Pull(a) => vec![&a.image],
+        Command::Stats(_)
+        | Command::Cache(_)
+        | Command::Snapshotter(_)
+        | Command::Scheduler(_)
+        | Command::Peer(_) => Vec::new(),
     }
 }
 

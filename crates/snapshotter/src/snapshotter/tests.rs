@@ -352,3 +352,202 @@ fn something_mounted_in_the_trash_neither_stops_opening_nor_gets_deleted() {
     assert_eq!(fs::read_dir(root.path().join("trash")).unwrap().count(), 0);
     assert_eq!(fs::read(source.path().join("precious")).unwrap(), b"keep");
 }
+
+/// Lazy mounts made with bind mounts of one directory: real mounts, at the
+/// places the snapshotter asks for, for an image whose layers are
+/// `diff_ids` (`None`: not a Darter image).
+#[derive(Debug)]
+struct BindMounts {
+    tree: tempfile::TempDir,
+    diff_ids: Option<Vec<String>>,
+}
+
+impl BindMounts {
+    fn new(diff_ids: Option<&[&str]>) -> Arc<BindMounts> {
+        let tree = tempfile::tempdir().unwrap();
+        fs::write(tree.path().join("from-the-image"), b"lazy").unwrap();
+        Arc::new(BindMounts {
+            tree,
+            diff_ids: diff_ids.map(|ids| ids.iter().map(|&id| id.to_owned()).collect()),
+        })
+    }
+}
+
+impl LazyMounts for BindMounts {
+    fn darter_diff_ids(&self, image: &str) -> Result<Option<Vec<String>>, remote::LazyError> {
+        if image == UNREADABLE_IMAGE {
+            return Err(format!("{image}: connection refused").into());
+        }
+        Ok(self.diff_ids.clone())
+    }
+
+    fn mount(&self, _image: &str, mountpoint: &Path) -> Result<(), remote::LazyError> {
+        Ok(rustix::mount::mount_bind(self.tree.path(), mountpoint)?)
+    }
+
+    fn is_served(&self, mountpoint: &Path) -> bool {
+        mountpoint.join("from-the-image").exists()
+    }
+
+    fn unmount(&self, mountpoint: &Path) -> Result<(), remote::LazyError> {
+        Ok(rustix::mount::unmount(
+            mountpoint,
+            rustix::mount::UnmountFlags::empty(),
+        )?)
+    }
+}
+
+const IMAGE: &str = "127.0.0.1:5000/app@sha256:feed";
+/// An image [`BindMounts`] cannot read.
+const UNREADABLE_IMAGE: &str = "127.0.0.1:1/gone:latest";
+
+fn remote_labels(target: &str) -> Labels {
+    Labels::from([
+        (remote::LABEL_TARGET.to_owned(), target.to_owned()),
+        (remote::LABEL_IMAGE_REF.to_owned(), IMAGE.to_owned()),
+    ])
+}
+
+/// Prepares every layer of `chain` as `darter pull` does; asserts each
+/// is answered AlreadyExists.
+fn prepare_remote_chain(s: &Snapshots, chain: &[String]) {
+    for (i, target) in chain.iter().enumerate() {
+        let parent = if i == 0 { "" } else { chain[i - 1].as_str() };
+        let key = format!("extract-{i} {target}");
+        let err = s
+            .prepare(Kind::Active, &key, parent, remote_labels(target))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+    }
+}
+
+/// Unmounts whatever is left below `root` when a test fails.
+struct UnmountBelow(PathBuf);
+
+impl Drop for UnmountBelow {
+    fn drop(&mut self) {
+        for mount in darter_testkit::process::mounts_under(&self.0).unwrap_or_default() {
+            drop(MountGuard::new(mount));
+        }
+    }
+}
+
+#[test]
+fn a_darter_image_is_committed_remotely_with_its_top_layer_mounted() {
+    let diff_ids = ["sha256:b1", "sha256:b2", "sha256:boot"];
+    let lazy = BindMounts::new(Some(&diff_ids));
+    let root = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(root.path().to_path_buf());
+    let s = Snapshots::open_with(root.path(), Some(lazy)).unwrap();
+    let chain = remote::chain_ids(&diff_ids.map(str::to_owned));
+    prepare_remote_chain(&s, &chain);
+
+    let listed = keys(&s);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    for (i, target) in chain.iter().enumerate() {
+        let snapshot = s.stat(target).unwrap();
+        assert_eq!(snapshot.record.kind, Kind::Committed);
+        assert_eq!(snapshot.record.labels, remote_labels(target));
+        let expected_parent = (i > 0).then(|| chain[i - 1].clone());
+        assert_eq!(snapshot.record.parent, expected_parent);
+        let fs_dir = root
+            .path()
+            .join(format!("snapshots/{}/fs", snapshot.record.id));
+        match (&snapshot.record.layer, i == 2) {
+            (Layer::Remote { image, mountpoint }, true) => {
+                assert_eq!((image.as_str(), mountpoint), (IMAGE, &fs_dir));
+                assert_eq!(fs::read(fs_dir.join("from-the-image")).unwrap(), b"lazy");
+            }
+            (Layer::Directory, false) => {
+                assert_eq!(
+                    fs::read_dir(&fs_dir).unwrap().count(),
+                    0,
+                    "blob layers are empty"
+                );
+            }
+            (layer, _) => panic!("layer {i}: {layer:?}"),
+        }
+    }
+    // Preparing it again (another namespace) finds it there.
+    prepare_remote_chain(&s, &chain);
+    assert_eq!(keys(&s), listed);
+
+    // A container on top sees the lazy mount through overlayfs.
+    let mounts = s
+        .prepare(Kind::Active, "container", &chain[2], Labels::new())
+        .unwrap();
+    let top_fs = s.stat(&chain[2]).unwrap().record.id;
+    assert!(
+        mounts[0]
+            .options
+            .iter()
+            .any(|o| o.starts_with(&format!("lowerdir={}", s.layout.fs_dir(top_fs).display()))),
+        "{mounts:?}"
+    );
+
+    // Removing the top layer unmounts it and deletes its directory.
+    s.remove("container").unwrap();
+    let top = s.stat(&chain[2]).unwrap();
+    s.remove(&chain[2]).unwrap();
+    assert!(!s.layout.snapshot_dir(top.record.id).exists());
+    assert!(
+        darter_testkit::process::mounts_under(root.path())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn layers_of_other_images_are_prepared_for_unpacking() {
+    let root = tempfile::tempdir().unwrap();
+    // Not a Darter image.
+    let s = Snapshots::open_with(root.path(), Some(BindMounts::new(None))).unwrap();
+    let mounts = s
+        .prepare(Kind::Active, "extract-0", "", remote_labels("sha256:x"))
+        .unwrap();
+    assert_eq!(mounts[0].r#type, "bind");
+    drop(s);
+    // A Darter image, but not one of its layers.
+    let s = Snapshots::open_with(root.path(), Some(BindMounts::new(Some(&["sha256:a"])))).unwrap();
+    s.prepare(Kind::Active, "extract-1", "", remote_labels("sha256:x"))
+        .unwrap();
+    // An image it cannot read: maybe a plain one only containerd can reach.
+    let mut labels = remote_labels("sha256:a");
+    labels.insert(
+        remote::LABEL_IMAGE_REF.to_owned(),
+        UNREADABLE_IMAGE.to_owned(),
+    );
+    s.prepare(Kind::Active, "extract-2", "", labels).unwrap();
+    assert_eq!(keys(&s).len(), 3);
+    assert!(keys(&s).iter().all(|(_, kind, _)| *kind == Kind::Active));
+}
+
+#[test]
+fn reopening_mounts_remote_layers_again_and_unmounts_forgotten_ones() {
+    let diff_ids = ["sha256:only"];
+    let lazy = BindMounts::new(Some(&diff_ids));
+    let root = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(root.path().to_path_buf());
+    let top_fs = {
+        let s = Snapshots::open_with(root.path(), Some(lazy.clone())).unwrap();
+        prepare_remote_chain(&s, &remote::chain_ids(&diff_ids.map(str::to_owned)));
+        s.layout.fs_dir(s.stat("sha256:only").unwrap().record.id)
+    };
+    // As after a reboot: the mount is gone. And a mount whose record a
+    // crash forgot before unmounting it.
+    rustix::mount::unmount(&top_fs, rustix::mount::UnmountFlags::empty()).unwrap();
+    let forgotten = root.path().join("snapshots/99/fs");
+    fs::create_dir_all(&forgotten).unwrap();
+    lazy.mount(IMAGE, &forgotten).unwrap();
+
+    let _s = Snapshots::open_with(root.path(), Some(lazy.clone())).unwrap();
+    assert!(lazy.is_served(&top_fs), "mounted again");
+    assert!(
+        !root.path().join("snapshots/99").exists(),
+        "unmounted and deleted"
+    );
+    assert_eq!(
+        darter_testkit::process::mounts_under(root.path()).unwrap(),
+        [top_fs]
+    );
+}

@@ -1,0 +1,160 @@
+//! Darter's peer-to-peer blob distribution: when many nodes pull the same
+//! image at once, they fetch each blob's pieces from each other and the
+//! registry sends it about once.
+//!
+//! It owns the scheduler ([`run_scheduler`]: the gRPC control plane that
+//! knows which peer holds which pieces and picks parents) and the peer
+//! daemon ([`run_peer`]: a registry mirror for containerd, a piece server
+//! for other peers on a separate port, and a size-limited piece store on
+//! disk), plus the peers' Prometheus counters ([`PeerStatus`]).
+//!
+//! It must not: let an unverified byte reach a client (every piece is
+//! checked against the digest recorded from the origin, and the whole blob
+//! against its digest before a response completes), serve pieces to
+//! anyone without the cluster token or by anything but digest, log or
+//! echo a client's credentials or the cluster token, or depend on the
+//! scheduler being up (without it peers fetch from the origin).
+
+#![forbid(unsafe_code)]
+
+mod http;
+mod metrics;
+mod mirror;
+mod peer;
+mod piece;
+mod piece_server;
+mod scheduler;
+mod scheduler_client;
+mod store;
+mod task;
+
+/// The generated gRPC code of `proto/scheduler.proto`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unused_qualifications,
+    clippy::all,
+    clippy::unwrap_used
+)]
+pub mod proto {
+    tonic::include_proto!("darter.p2p.v1");
+}
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub use metrics::PeerStatus;
+pub use peer::{PeerConfig, run_peer};
+pub use piece::{BadDigest, BlobDigest, PIECE_SIZE};
+pub use scheduler::{SchedulerPolicy, SchedulerService, SchedulerState};
+
+/// The header that carries the cluster token, on gRPC and piece requests.
+pub const TOKEN_HEADER: &str = "x-darter-cluster-token";
+
+/// Why a scheduler or peer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum P2pError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("reading the cluster token from {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the cluster token file {path} is empty")]
+    EmptyToken { path: PathBuf },
+    #[error("the gRPC server stopped: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("piece store {path}: {source}")]
+    Store {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad URL {url:?}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot set up the HTTP client: {0}")]
+    HttpClient(String),
+    #[error("peer status from {url}: {reason}")]
+    Status { url: String, reason: String },
+}
+
+/// The cluster token in `path` (surrounding whitespace trimmed).
+pub fn read_token(path: &Path) -> Result<Vec<u8>, P2pError> {
+    let raw = std::fs::read(path).map_err(|source| P2pError::TokenFile {
+        path: path.to_owned(),
+        source,
+    })?;
+    let token = raw.trim_ascii().to_vec();
+    if token.is_empty() {
+        return Err(P2pError::EmptyToken {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token)
+}
+
+/// Runs the scheduler on `listen` until SIGINT or SIGTERM.
+pub fn run_scheduler(
+    listen: SocketAddr,
+    token: Vec<u8>,
+    policy: SchedulerPolicy,
+) -> Result<(), P2pError> {
+    runtime()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| P2pError::Listen {
+                addr: listen,
+                source,
+            })?;
+        tracing::info!(%listen, "scheduler listening");
+        serve_scheduler(listener, token, policy, http::stop_signal()).await
+    })
+}
+
+/// Serves the scheduler on `listener` until `shutdown` completes.
+// tonic's `Status` is large, and what its interceptors must return.
+#[allow(clippy::result_large_err)]
+pub async fn serve_scheduler(
+    listener: tokio::net::TcpListener,
+    token: Vec<u8>,
+    policy: SchedulerPolicy,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), P2pError> {
+    let service = proto::scheduler_server::SchedulerServer::with_interceptor(
+        SchedulerService::new(policy),
+        move |request: tonic::Request<()>| {
+            let presented = request
+                .metadata()
+                .get(TOKEN_HEADER)
+                .map(|v| v.as_bytes())
+                .unwrap_or_default();
+            if piece::secrets_equal(presented, &token) {
+                Ok(request)
+            } else {
+                Err(tonic::Status::unauthenticated(
+                    "missing or wrong cluster token",
+                ))
+            }
+        },
+    );
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, P2pError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(P2pError::Runtime)
+}

@@ -1,0 +1,391 @@
+//! The scheduler: which peers hold which pieces, and where a peer should
+//! fetch from. All state is in memory; after a restart it is rebuilt from
+//! the peers' keepalives and reports.
+
+// The gRPC error, `tonic::Status`, is large; it is what the service returns.
+#![allow(clippy::result_large_err)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use crate::piece::{Bitmap, BlobDigest, PIECE_SIZE};
+use crate::proto::schedule_response::Decision;
+use crate::proto::scheduler_server::Scheduler;
+use crate::proto::{
+    BadPeerRequest, BadPeerResponse, Parent, RegisterRequest, RegisterResponse, ReportRequest,
+    ReportResponse, ScheduleRequest, ScheduleResponse,
+};
+
+/// How the scheduler chooses.
+#[derive(Debug, Clone)]
+pub struct SchedulerPolicy {
+    /// How often peers call `Register` again; three missed calls drop a peer.
+    pub keepalive: Duration,
+    /// How many peers may fetch one task from the origin at once.
+    pub max_origin_per_task: usize,
+    /// How many parents one `Schedule` answer lists.
+    pub max_parents: usize,
+}
+
+impl Default for SchedulerPolicy {
+    fn default() -> Self {
+        SchedulerPolicy {
+            keepalive: Duration::from_secs(2),
+            max_origin_per_task: 1,
+            max_parents: 4,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PeerInfo {
+    data_addr: String,
+    upload_capacity: u32,
+    labels: HashMap<String, String>,
+    active_uploads: u32,
+    seed: bool,
+    /// Times chosen as a parent since its last keepalive (its own count of
+    /// uploads does not show them yet).
+    chosen: u32,
+    last_seen: Instant,
+    blocked: bool,
+}
+
+#[derive(Debug)]
+struct TaskInfo {
+    size: u64,
+    piece_size: u64,
+    /// `sha256:<hex>` per piece, "" until the peer fetching from the
+    /// origin reports it.
+    piece_digests: Vec<String>,
+    holders: HashMap<String, Bitmap>,
+    /// Holders that verified the whole blob.
+    verified: HashSet<String>,
+    origin_fetchers: HashSet<String>,
+}
+
+impl TaskInfo {
+    fn new(size: u64, piece_size: u64) -> TaskInfo {
+        let count = usize::try_from(size.div_ceil(piece_size)).unwrap_or(0);
+        TaskInfo {
+            size,
+            piece_size,
+            piece_digests: vec![String::new(); count],
+            holders: HashMap::new(),
+            verified: HashSet::new(),
+            origin_fetchers: HashSet::new(),
+        }
+    }
+
+    /// Takes the digests of pieces still unknown; a digest that contradicts
+    /// a known one is ignored (the first report from the origin wins).
+    fn learn_digests(&mut self, digests: &[String], from: &str) {
+        for (mine, theirs) in self.piece_digests.iter_mut().zip(digests) {
+            if theirs.is_empty() {
+                continue;
+            }
+            if mine.is_empty() {
+                theirs.clone_into(mine);
+            } else if mine != theirs {
+                warn!(
+                    peer = from,
+                    "ignoring a piece digest that contradicts the known one"
+                );
+            }
+        }
+    }
+}
+
+/// The scheduler's whole state.
+#[derive(Debug)]
+pub struct SchedulerState {
+    policy: SchedulerPolicy,
+    peers: HashMap<String, PeerInfo>,
+    tasks: HashMap<BlobDigest, TaskInfo>,
+}
+
+fn bad_task(task: &str) -> Status {
+    Status::invalid_argument(format!("task {task:?} is not a sha256 digest"))
+}
+
+fn unknown_peer(peer: &str) -> Status {
+    Status::failed_precondition(format!("peer {peer:?} is not registered"))
+}
+
+impl SchedulerState {
+    pub fn new(policy: SchedulerPolicy) -> SchedulerState {
+        SchedulerState {
+            policy,
+            peers: HashMap::new(),
+            tasks: HashMap::new(),
+        }
+    }
+
+    /// A peer arrives or keeps alive.
+    pub fn register(&mut self, request: RegisterRequest, now: Instant) -> RegisterResponse {
+        let blocked = self.peers.get(&request.peer_id).is_some_and(|p| p.blocked);
+        let first_contact = !self.peers.contains_key(&request.peer_id);
+        if first_contact {
+            info!(peer = %request.peer_id, addr = %request.data_addr, seed = request.seed, "peer registered");
+        }
+        self.peers.insert(
+            request.peer_id,
+            PeerInfo {
+                data_addr: request.data_addr,
+                upload_capacity: request.upload_capacity,
+                labels: request.labels,
+                active_uploads: request.active_uploads,
+                seed: request.seed,
+                chosen: 0,
+                last_seen: now,
+                blocked,
+            },
+        );
+        RegisterResponse {
+            keepalive_interval_ms: u64::try_from(self.policy.keepalive.as_millis())
+                .unwrap_or(u64::MAX),
+            first_contact,
+        }
+    }
+
+    /// A peer says what it holds of a task.
+    pub fn report(&mut self, request: ReportRequest, now: Instant) -> Result<(), Status> {
+        let task: BlobDigest = request.task.parse().map_err(|_| bad_task(&request.task))?;
+        self.touch(&request.peer_id, now)?;
+        if request.piece_size == 0 {
+            return Err(Status::invalid_argument("piece size 0"));
+        }
+        let info = self
+            .tasks
+            .entry(task)
+            .or_insert_with(|| TaskInfo::new(request.size, request.piece_size));
+        if info.size != request.size || info.piece_size != request.piece_size {
+            return Err(Status::invalid_argument(format!(
+                "task {task} is {} bytes in pieces of {}, not {} in pieces of {}",
+                info.size, info.piece_size, request.size, request.piece_size
+            )));
+        }
+        let count = info.piece_digests.len();
+        let have = if request.complete {
+            Bitmap::full(count)
+        } else {
+            Bitmap::from_wire(&request.have, count)
+        };
+        // Piece digests come from the peer fetching from the origin, or
+        // (after a scheduler restart) from a peer that verified the whole blob.
+        let trusted = info.origin_fetchers.contains(&request.peer_id)
+            || (request.complete && info.piece_digests.iter().any(String::is_empty));
+        if trusted {
+            info.learn_digests(&request.piece_digests, &request.peer_id);
+        }
+        if request.complete {
+            info.origin_fetchers.remove(&request.peer_id);
+            if info.verified.insert(request.peer_id.clone()) {
+                info!(peer = %request.peer_id, %task, "peer holds the whole task");
+            }
+        }
+        info.holders.insert(request.peer_id, have);
+        Ok(())
+    }
+
+    /// Where `request.peer_id` should fetch `request.task` from.
+    pub fn schedule(
+        &mut self,
+        request: &ScheduleRequest,
+        now: Instant,
+    ) -> Result<ScheduleResponse, Status> {
+        let task: BlobDigest = request.task.parse().map_err(|_| bad_task(&request.task))?;
+        self.touch(&request.peer_id, now)?;
+        self.expire(now);
+        let info = self
+            .tasks
+            .entry(task)
+            .or_insert_with(|| TaskInfo::new(request.size, PIECE_SIZE));
+        let requester = &self.peers[&request.peer_id];
+        let mut candidates: Vec<(&String, &PeerInfo, &Bitmap)> = info
+            .holders
+            .iter()
+            .filter(|(id, _)| **id != request.peer_id)
+            .filter_map(|(id, have)| {
+                let peer = self.peers.get(id).filter(|p| !p.blocked)?;
+                let useful =
+                    (0..have.len()).any(|i| have.get(i) && !info.piece_digests[i].is_empty());
+                useful.then_some((id, peer, have))
+            })
+            .collect();
+        let (decision, parents) = if !candidates.is_empty() {
+            candidates.sort_by_key(|(_, peer, have)| {
+                std::cmp::Reverse(parent_score(requester, peer, have))
+            });
+            candidates.truncate(self.policy.max_parents);
+            let parents: Vec<Parent> = candidates
+                .iter()
+                .map(|(id, peer, have)| Parent {
+                    peer_id: (*id).clone(),
+                    data_addr: peer.data_addr.clone(),
+                    have: have.wire().to_vec(),
+                    complete: have.is_full(),
+                })
+                .collect();
+            (Decision::Parents, parents)
+        } else if info.origin_fetchers.contains(&request.peer_id)
+            || info.origin_fetchers.len() < self.policy.max_origin_per_task
+        {
+            // A seed goes to the origin for ordinary peers.
+            let seed = (!requester.seed && !info.origin_fetchers.contains(&request.peer_id))
+                .then(|| {
+                    self.peers
+                        .iter()
+                        .filter(|(id, p)| p.seed && !p.blocked && **id != request.peer_id)
+                        .max_by_key(|(_, p)| parent_score(requester, p, &Bitmap::new(0)))
+                })
+                .flatten();
+            match seed {
+                Some((id, peer)) => {
+                    info.origin_fetchers.insert(id.clone());
+                    let parent = Parent {
+                        peer_id: id.clone(),
+                        data_addr: peer.data_addr.clone(),
+                        have: Vec::new(),
+                        complete: false,
+                    };
+                    (Decision::Seed, vec![parent])
+                }
+                None => {
+                    info.origin_fetchers.insert(request.peer_id.clone());
+                    (Decision::Origin, Vec::new())
+                }
+            }
+        } else {
+            (Decision::Wait, Vec::new())
+        };
+        for parent in &parents {
+            if let Some(peer) = self.peers.get_mut(&parent.peer_id) {
+                peer.chosen = peer.chosen.saturating_add(1);
+            }
+        }
+        Ok(ScheduleResponse {
+            decision: decision.into(),
+            parents,
+            piece_size: info.piece_size,
+            piece_digests: info.piece_digests.clone(),
+        })
+    }
+
+    /// `peer` served a bad piece: it is never chosen again.
+    pub fn block(&mut self, request: &BadPeerRequest) {
+        if let Some(peer) = self.peers.get_mut(&request.peer_id) {
+            warn!(
+                peer = %request.peer_id, reporter = %request.reporter_id, task = %request.task,
+                piece = request.piece, "peer served a bad piece; no longer chosen"
+            );
+            peer.blocked = true;
+        }
+        for info in self.tasks.values_mut() {
+            info.origin_fetchers.remove(&request.peer_id);
+        }
+    }
+
+    fn touch(&mut self, peer: &str, now: Instant) -> Result<(), Status> {
+        let info = self.peers.get_mut(peer).ok_or_else(|| unknown_peer(peer))?;
+        info.last_seen = now;
+        Ok(())
+    }
+
+    /// Forgets peers not heard from for three keepalive intervals.
+    fn expire(&mut self, now: Instant) {
+        let limit = self.policy.keepalive * 3;
+        let gone: Vec<String> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.last_seen) > limit)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            info!(peer = %id, "peer expired");
+            self.peers.remove(&id);
+            for info in self.tasks.values_mut() {
+                info.holders.remove(&id);
+                info.verified.remove(&id);
+                info.origin_fetchers.remove(&id);
+            }
+        }
+    }
+}
+
+/// Higher is better: a free upload slot first, then shared location
+/// labels, then more free slots, then more pieces.
+fn parent_score(
+    requester: &PeerInfo,
+    parent: &PeerInfo,
+    have: &Bitmap,
+) -> (bool, usize, u32, usize) {
+    let busy = parent.active_uploads.saturating_add(parent.chosen);
+    let free = parent.upload_capacity.saturating_sub(busy);
+    let shared_labels = requester
+        .labels
+        .iter()
+        .filter(|(k, v)| parent.labels.get(*k) == Some(*v))
+        .count();
+    (free > 0, shared_labels, free, have.count())
+}
+
+/// The gRPC service over a [`SchedulerState`].
+#[derive(Debug, Clone)]
+pub struct SchedulerService {
+    state: Arc<Mutex<SchedulerState>>,
+}
+
+impl SchedulerService {
+    pub fn new(policy: SchedulerPolicy) -> SchedulerService {
+        SchedulerService {
+            state: Arc::new(Mutex::new(SchedulerState::new(policy))),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SchedulerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[tonic::async_trait]
+impl Scheduler for SchedulerService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let answer = self.state().register(request.into_inner(), Instant::now());
+        Ok(Response::new(answer))
+    }
+
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        self.state().report(request.into_inner(), Instant::now())?;
+        Ok(Response::new(ReportResponse {}))
+    }
+
+    async fn schedule(
+        &self,
+        request: Request<ScheduleRequest>,
+    ) -> Result<Response<ScheduleResponse>, Status> {
+        let answer = self.state().schedule(request.get_ref(), Instant::now())?;
+        Ok(Response::new(answer))
+    }
+
+    async fn report_bad_peer(
+        &self,
+        request: Request<BadPeerRequest>,
+    ) -> Result<Response<BadPeerResponse>, Status> {
+        self.state().block(request.get_ref());
+        Ok(Response::new(BadPeerResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests;

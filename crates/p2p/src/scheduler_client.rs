@@ -1,0 +1,184 @@
+//! A peer's side of the control channel: keepalives (re-reporting every
+//! complete task when the scheduler did not know the peer, e.g. after the
+//! scheduler restarted), reports, schedule requests and bad-peer reports,
+//! each with a short deadline so a dead scheduler only costs a timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use crate::P2pError;
+use crate::piece::{Bitmap, BlobDigest, PieceLayout};
+use crate::proto::scheduler_client::SchedulerClient;
+use crate::proto::{
+    BadPeerRequest, RegisterRequest, ReportRequest, ScheduleRequest, ScheduleResponse,
+};
+use crate::store::{PieceStore, TaskMeta};
+
+/// How long one call to the scheduler may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long to wait before trying an unreachable scheduler again.
+const RETRY_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Adds the cluster token to every call.
+#[derive(Clone)]
+pub struct TokenInterceptor(AsciiMetadataValue);
+
+impl std::fmt::Debug for TokenInterceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenInterceptor(<redacted>)")
+    }
+}
+
+impl Interceptor for TokenInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert(crate::TOKEN_HEADER, self.0.clone());
+        Ok(request)
+    }
+}
+
+/// Who this peer is, as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub peer_id: String,
+    pub data_addr: String,
+    pub upload_capacity: u32,
+    pub labels: std::collections::HashMap<String, String>,
+    pub seed: bool,
+}
+
+/// The control channel to the scheduler.
+#[derive(Debug, Clone)]
+pub struct SchedulerLink {
+    client: SchedulerClient<InterceptedService<Channel, TokenInterceptor>>,
+    identity: Arc<Identity>,
+}
+
+impl SchedulerLink {
+    /// A link to `addr` (`host:port`); connects lazily and reconnects.
+    pub fn new(addr: &str, token: &[u8], identity: Identity) -> Result<SchedulerLink, P2pError> {
+        let url = format!("http://{addr}");
+        let bad_url = |reason: String| P2pError::Url {
+            url: url.clone(),
+            reason,
+        };
+        let channel = Endpoint::from_shared(url.clone())
+            .map_err(|e| bad_url(e.to_string()))?
+            .connect_timeout(CALL_TIMEOUT)
+            .timeout(CALL_TIMEOUT)
+            .connect_lazy();
+        let token = AsciiMetadataValue::try_from(token)
+            .map_err(|_| P2pError::HttpClient("the cluster token is not printable ASCII".into()))?;
+        Ok(SchedulerLink {
+            client: SchedulerClient::with_interceptor(channel, TokenInterceptor(token)),
+            identity: Arc::new(identity),
+        })
+    }
+
+    /// Keeps the peer registered, forever.
+    pub async fn keep_alive(self, store: Arc<PieceStore>, active_uploads: Arc<AtomicU32>) {
+        loop {
+            let request = RegisterRequest {
+                peer_id: self.identity.peer_id.clone(),
+                data_addr: self.identity.data_addr.clone(),
+                upload_capacity: self.identity.upload_capacity,
+                labels: self.identity.labels.clone(),
+                seed: self.identity.seed,
+                active_uploads: active_uploads.load(Ordering::Relaxed),
+            };
+            let interval = match self.client.clone().register(request).await {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    if answer.first_contact {
+                        info!("registered with the scheduler");
+                        self.report_all(&store).await;
+                    }
+                    Duration::from_millis(answer.keepalive_interval_ms.clamp(100, 60_000))
+                }
+                Err(status) => {
+                    debug!(%status, "scheduler unreachable");
+                    RETRY_INTERVAL
+                }
+            };
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    async fn report_all(&self, store: &PieceStore) {
+        for (task, meta) in store.complete_tasks() {
+            self.report_complete(&task, &meta).await;
+        }
+    }
+
+    /// Reports a verified, complete task with its piece digests.
+    pub async fn report_complete(&self, task: &BlobDigest, meta: &TaskMeta) {
+        let layout = PieceLayout {
+            size: meta.size,
+            piece_size: meta.piece_size,
+        };
+        let have = Bitmap::full(layout.count());
+        self.report(task, layout, &have, true, meta.piece_digests.clone())
+            .await;
+    }
+
+    /// Reports the pieces held of a task (and the piece digests known).
+    pub async fn report(
+        &self,
+        task: &BlobDigest,
+        layout: PieceLayout,
+        have: &Bitmap,
+        complete: bool,
+        piece_digests: Vec<String>,
+    ) {
+        let request = ReportRequest {
+            peer_id: self.identity.peer_id.clone(),
+            task: task.to_string(),
+            size: layout.size,
+            piece_size: layout.piece_size,
+            have: have.wire().to_vec(),
+            complete,
+            piece_digests,
+        };
+        if let Err(status) = self.client.clone().report(request).await {
+            debug!(%task, %status, "report not delivered");
+        }
+    }
+
+    /// Asks where to fetch `task` from.
+    pub async fn schedule(
+        &self,
+        task: &BlobDigest,
+        size: u64,
+    ) -> Result<ScheduleResponse, tonic::Status> {
+        let request = ScheduleRequest {
+            peer_id: self.identity.peer_id.clone(),
+            task: task.to_string(),
+            size,
+        };
+        Ok(self.client.clone().schedule(request).await?.into_inner())
+    }
+
+    /// Tells the scheduler `peer` served a bad piece.
+    pub async fn report_bad_peer(&self, peer: &str, task: &BlobDigest, piece: usize) {
+        let request = BadPeerRequest {
+            reporter_id: self.identity.peer_id.clone(),
+            peer_id: peer.to_owned(),
+            task: task.to_string(),
+            piece: piece as u64,
+        };
+        if let Err(status) = self.client.clone().report_bad_peer(request).await {
+            warn!(%peer, %task, piece, %status, "could not report a bad peer");
+        }
+    }
+}
