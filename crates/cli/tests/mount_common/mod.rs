@@ -347,6 +347,11 @@ impl Drop for Mounted {
         if let Daemon::Detached { .. } = self.daemon {
             let _ = std::fs::remove_file(&self.log);
         }
+        // A kernel EROFS mount's devices, if a daemon about to be killed
+        // still has them mounted: no stale mount outlives the test.
+        let devices = devices_dir(&self.mountpoint);
+        drop(MountGuard::new(&devices));
+        let _ = std::fs::remove_dir(&devices);
         // Then the daemon field drops, killing what is left.
     }
 }
