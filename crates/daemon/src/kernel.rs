@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use darter_fuse::{BOOTSTRAP_FILE, TopMount, device_file, top_mount};
+use darter_fuse::{BOOTSTRAP_FILE, TopMount, device_file, top_mount_in};
 
 use crate::mount::DaemonError;
 
@@ -74,7 +74,11 @@ impl KernelMount {
             rustix::mount::MountFlags::RDONLY,
             options.as_c_str(),
         )
-        .map_err(|e| self.error(e.into()))?;
+        .map_err(|e| DaemonError::KernelMount {
+            bootstrap: self.bootstrap(),
+            mountpoint: self.mountpoint.clone(),
+            source: e.into(),
+        })?;
         // The driver reads metadata through the bootstrap file's page
         // cache: fill it now, in one pass of large reads, rather than one
         // FUSE round trip per metadata block the first lookups touch.
@@ -84,10 +88,11 @@ impl KernelMount {
         Ok(())
     }
 
-    /// True while our EROFS mount is the one on top at the mountpoint.
-    pub fn is_mounted(&self) -> bool {
+    /// True while our EROFS mount is the one on top at the mountpoint, in
+    /// the mount table `mountinfo`.
+    fn is_mounted_in(&self, mountinfo: &str) -> bool {
         matches!(
-            top_mount(&self.mountpoint),
+            top_mount_in(mountinfo, &self.mountpoint),
             Ok(Some(TopMount { fstype, source, .. })) if fstype == "erofs" && source == self.bootstrap()
         )
     }
@@ -116,8 +121,9 @@ impl KernelMount {
         let mountinfo = std::fs::File::open("/proc/self/mountinfo")?;
         loop {
             // Reading the table re-arms the notification.
-            std::io::Read::read_to_end(&mut &mountinfo, &mut Vec::new())?;
-            if !self.is_mounted() {
+            let mut table = String::new();
+            std::io::Read::read_to_string(&mut &mountinfo, &mut table)?;
+            if !self.is_mounted_in(&table) {
                 return Ok(());
             }
             let mut fds = [PollFd::new(&mountinfo, PollFlags::PRI)];

@@ -48,6 +48,21 @@ pub enum DaemonError {
     /// The image cannot be opened.
     #[error(transparent)]
     Image(#[from] darter_image::ImageError),
+    /// The kernel refused the EROFS mount of the kernel frontend.
+    #[error(
+        "the kernel refused to mount {} as EROFS at {}: {source} (the erofs frontend needs \
+         root and Linux 6.12 or later with file-backed EROFS; --frontend fuse works everywhere)",
+        bootstrap.display(),
+        mountpoint.display()
+    )]
+    KernelMount {
+        /// The bootstrap file on the devices filesystem.
+        bootstrap: PathBuf,
+        /// Where it was to be mounted.
+        mountpoint: PathBuf,
+        /// What mount(2) said.
+        source: std::io::Error,
+    },
     /// Setting up a socket or the mount failed.
     #[error("{op} {what}: {source}")]
     Io {
@@ -217,6 +232,7 @@ impl<S: BlobSource + 'static> Mount<S> {
                 if let Err(e) = kernel.mount() {
                     unmount_when_idle(&unmounter, &kernel.devices);
                     let _ = serving.join();
+                    let _ = std::fs::remove_dir(&kernel.devices);
                     return Err(e);
                 }
                 let devices = kernel.devices.clone();

@@ -21,4 +21,6 @@ mod mountpoint;
 
 pub use devices::{BOOTSTRAP_FILE, DevicesFs, device_file};
 pub use fs::{DarterFs, FsOptions};
-pub use mountpoint::{MountpointError, TopMount, prepare_mountpoint, set_readahead, top_mount};
+pub use mountpoint::{
+    MountpointError, TopMount, prepare_mountpoint, set_readahead, top_mount, top_mount_in,
+};

@@ -121,8 +121,12 @@ pub struct TopMount {
 
 /// The mount on top at `path`, if `path` is a mountpoint.
 pub fn top_mount(path: &Path) -> io::Result<Option<TopMount>> {
+    top_mount_in(&std::fs::read_to_string("/proc/self/mountinfo")?, path)
+}
+
+/// [`top_mount`] in a mount table already read (`/proc/self/mountinfo`).
+pub fn top_mount_in(mountinfo: &str, path: &Path) -> io::Result<Option<TopMount>> {
     let canonical = canonical_mountpoint(path)?;
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
     // Fields: id parent major:minor root mountpoint options [optional...]
     // - fstype source superoptions; the last match is the mount on top.
     Ok(mountinfo.lines().rev().find_map(|line| {

@@ -291,7 +291,7 @@ fn refuse_if_mounted_below(dir: &Path) -> Result<(), Error> {
 /// Whether `path` is the root of a mount (statx `STATX_ATTR_MOUNT_ROOT`;
 /// on kernels without it, whether it is on another device than its
 /// parent). A path that does not exist is not.
-fn is_mount_point(path: &Path) -> bool {
+pub fn is_mount_point(path: &Path) -> bool {
     use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags, statx};
     let flags = AtFlags::NO_AUTOMOUNT | AtFlags::SYMLINK_NOFOLLOW;
     let Ok(stat) = statx(CWD, path, flags, StatxFlags::BASIC_STATS) else {

@@ -33,6 +33,7 @@ mod store;
 
 pub use containerd_snapshots::{api, tonic};
 pub use error::{Error, ServeError};
+pub use layout::is_mount_point;
 pub use remote::{
     LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_TARGET, LazyError, LazyMounts, chain_ids,
 };

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use darter_daemon::api;
 use darter_remote::{ImageRef, Stores};
-use darter_snapshotter::{LazyError, LazyMounts};
+use darter_snapshotter::{LazyError, LazyMounts, is_mount_point};
 
 use crate::cli::SnapshotterArgs;
 use crate::config::Config;
@@ -121,15 +121,6 @@ impl LazyMounts for DarterMounts {
         }
         Ok(())
     }
-}
-
-/// Whether `path` is the root of a mount (statx `STATX_ATTR_MOUNT_ROOT`,
-/// which every kernel with FUSE passthrough reports).
-fn is_mount_point(path: &Path) -> bool {
-    use rustix::fs::{AtFlags, CWD, StatxAttributes, StatxFlags, statx};
-    let flags = AtFlags::NO_AUTOMOUNT | AtFlags::SYMLINK_NOFOLLOW;
-    statx(CWD, path, flags, StatxFlags::BASIC_STATS)
-        .is_ok_and(|stat| stat.stx_attributes.contains(StatxAttributes::MOUNT_ROOT))
 }
 
 /// Whether `pid` exists and is not a zombie.
