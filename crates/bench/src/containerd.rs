@@ -1,11 +1,12 @@
-//! A fresh containerd for the network scenarios: a plain process (CRI
-//! disabled) with its own root, state and socket in a directory of the
-//! run, started inside the client's namespace of a [`NetBed`], and `ctr`
-//! runs of a container timed to the first line it prints.
+//! containerd for the network scenarios: `darter_testkit`'s containerd
+//! (a plain process, CRI disabled, its root, state and socket in a
+//! directory of the run) started inside the client's namespace of a
+//! [`NetBed`], optionally with the Darter snapshotter as a proxy plugin,
+//! and `ctr` runs of a container timed to the first line it prints.
 //!
 //! Containers run with `--net-host`, i.e. in the client's namespace, so
 //! that whatever a failed run leaves behind (shims, container processes)
-//! dies with that namespace. Killing containerd (on drop) stops the rest.
+//! dies with that namespace. Dropping containerd stops the rest.
 
 use std::cell::Cell;
 use std::ffi::OsStr;
@@ -15,101 +16,83 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use darter_testkit::containerd::Options;
 use darter_testkit::process::ChildGuard;
 
+use crate::mount::MountStats;
 use crate::netbed::NetBed;
-use crate::tools;
+use crate::tools::{self, Darter};
 
-/// The containerd namespace the harness uses.
-const NAMESPACE: &str = "bench";
-/// How long containerd may take to answer.
+/// How long the snapshotter may take to serve.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one container may run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 /// `PATH` for containers on a plain root filesystem (`--rootfs`), which
 /// have no image config to take it from: Debian's (and the images') default.
 const ROOTFS_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// The name the Darter snapshotter has in containerd's config.
+pub const DARTER_SNAPSHOTTER: &str = "darter";
 
 /// What a container runs on.
 #[derive(Debug, Clone, Copy)]
 pub enum Rootfs<'a> {
     /// An image pulled into containerd (its overlayfs snapshot).
     Image(&'a str),
+    /// An image pulled into the Darter snapshotter (`darter pull`).
+    DarterImage(&'a str),
     /// A directory, e.g. an overlay over a Darter mount (`ctr run --rootfs`).
     Dir(&'a Path),
 }
 
-/// A containerd process; killed on drop.
+/// A containerd process in the client's namespace; killed on drop.
 #[derive(Debug)]
-pub struct Containerd<'bed> {
-    bed: &'bed NetBed,
-    dir: PathBuf,
-    socket: PathBuf,
-    // Last: the process dies after the fields above are gone (nothing
-    // depends on that, but it reads in the order things were made).
-    process: ChildGuard,
+pub struct Containerd {
+    inner: darter_testkit::containerd::Containerd,
     runs: Cell<usize>,
 }
 
-impl<'bed> Containerd<'bed> {
-    /// Starts containerd with everything in `dir` (an empty directory) and
-    /// waits until it answers.
-    pub fn start(bed: &'bed NetBed, dir: &Path) -> anyhow::Result<Containerd<'bed>> {
-        let socket = dir.join("containerd.sock");
-        let config = dir.join("config.toml");
-        std::fs::write(&config, config_toml(dir, &socket)?)
-            .with_context(|| format!("writing {}", config.display()))?;
-        let log_path = dir.join("containerd.log");
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut containerd = Command::new("containerd");
-        containerd.arg("--config").arg(&config);
-        let mut cmd = bed.client(&containerd);
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().context("cloning a log handle")?)
-            .stderr(log);
-        let process = ChildGuard::spawn(&mut cmd).with_context(|| format!("starting {cmd:?}"))?;
-        let mut started = Containerd {
-            bed,
-            dir: dir.to_path_buf(),
-            socket,
-            process,
+impl Containerd {
+    /// Starts containerd with everything below `dir` and waits until it
+    /// answers.
+    pub fn start(bed: &NetBed, dir: &Path) -> anyhow::Result<Containerd> {
+        Containerd::start_with_snapshotter(bed, dir, None)
+    }
+
+    /// [`Containerd::start`], with the Darter snapshotter serving at
+    /// `snapshotter` (a socket) as [`DARTER_SNAPSHOTTER`].
+    pub fn start_with_snapshotter(
+        bed: &NetBed,
+        dir: &Path,
+        snapshotter: Option<&Path>,
+    ) -> anyhow::Result<Containerd> {
+        let proxies: Vec<(&str, &Path)> = snapshotter
+            .map(|socket| (DARTER_SNAPSHOTTER, socket))
+            .into_iter()
+            .collect();
+        let inner = darter_testkit::containerd::Containerd::start_with(&Options {
+            proxy_snapshotters: &proxies,
+            parent: Some(dir),
+            command_prefix: bed.client_prefix(),
+        })
+        .with_context(|| format!("starting containerd in {}", dir.display()))?;
+        Ok(Containerd {
+            inner,
             runs: Cell::new(0),
-        };
-        started
-            .wait_until_serving()
-            .with_context(|| format!("containerd log {}", log_path.display()))?;
-        Ok(started)
+        })
     }
 
-    fn wait_until_serving(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.process.child().try_wait()? {
-                bail!("containerd exited with {status}");
-            }
-            if self.socket.exists() && tools::output(&mut self.ctr(["version"])).is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("containerd does not answer after {START_TIMEOUT:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    /// containerd's gRPC socket.
+    pub fn socket(&self) -> &Path {
+        self.inner.socket()
     }
 
-    /// `ctr -a SOCKET -n bench ARGS` in the client's namespace.
+    /// `ctr -a SOCKET -n NAMESPACE ARGS` in the client's namespace.
     pub fn ctr<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut ctr = Command::new("ctr");
-        ctr.arg("-a")
-            .arg(&self.socket)
-            .args(["-n", NAMESPACE])
-            .args(args);
-        self.bed.client(&ctr)
+        self.inner.ctr(args)
     }
 
     /// `ctr content fetch --plain-http REFERENCE`: downloads the image
@@ -123,6 +106,13 @@ impl<'bed> Containerd<'bed> {
     /// store lacks and unpacks the layers into snapshots.
     pub fn pull(&self, reference: &str) -> anyhow::Result<()> {
         tools::output(&mut self.ctr(["image", "pull", "--plain-http", reference]))?;
+        Ok(())
+    }
+
+    /// `ctr image rm --sync REFERENCE`: the image and, once collected, its
+    /// snapshots are gone (a Darter snapshotter undoes its lazy mount).
+    pub fn remove_image(&self, reference: &str) -> anyhow::Result<()> {
+        tools::output(&mut self.ctr(["image", "rm", "--sync", reference]))?;
         Ok(())
     }
 
@@ -140,6 +130,9 @@ impl<'bed> Containerd<'bed> {
         let mut args: Vec<&OsStr> = ["run", "--rm", "--net-host"].map(OsStr::new).to_vec();
         match rootfs {
             Rootfs::Image(reference) => args.extend([OsStr::new(reference), OsStr::new(&id)]),
+            Rootfs::DarterImage(reference) => {
+                args.extend(["--snapshotter", DARTER_SNAPSHOTTER, reference, &id].map(OsStr::new))
+            }
             Rootfs::Dir(dir) => args.extend([
                 OsStr::new("--env"),
                 OsStr::new(ROOTFS_PATH),
@@ -149,7 +142,7 @@ impl<'bed> Containerd<'bed> {
             ]),
         }
         args.extend(argv.iter().map(OsStr::new));
-        let stderr_path = self.dir.join(format!("{id}.stderr"));
+        let stderr_path = self.inner.path().join(format!("{id}.stderr"));
         let mut cmd = self.ctr(args);
         cmd.stderr(
             std::fs::File::create(&stderr_path)
@@ -166,24 +159,97 @@ impl<'bed> Containerd<'bed> {
     }
 }
 
-/// containerd's config: everything below `dir`, CRI off.
-fn config_toml(dir: &Path, socket: &Path) -> anyhow::Result<String> {
-    // JSON strings are TOML basic strings.
-    let quote = |p: &Path| serde_json::to_string(&p.to_string_lossy()).context("quoting a path");
-    Ok(format!(
-        "version = 2\n\
-         root = {root}\n\
-         state = {state}\n\
-         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-         [grpc]\n  address = {socket}\n\
-         [ttrpc]\n  address = {ttrpc}\n\
-         [debug]\n  address = \"\"\n\
-         [metrics]\n  address = \"\"\n",
-        root = quote(&dir.join("root"))?,
-        state = quote(&dir.join("state"))?,
-        socket = quote(socket)?,
-        ttrpc = quote(&socket.with_extension("sock.ttrpc"))?,
-    ))
+/// `darter snapshotter` in the client's namespace (so its lazy mounts
+/// fetch through the link), with a chunk cache of its own. Dropping it
+/// kills it and undoes its lazy mounts (their daemons exit).
+#[derive(Debug)]
+pub struct DarterSnapshotter {
+    dir: PathBuf,
+    darter: Darter,
+    process: Option<ChildGuard>,
+}
+
+impl DarterSnapshotter {
+    /// Starts it with everything below `dir` (an empty directory) and
+    /// waits until its socket answers.
+    pub fn start(bed: &NetBed, darter: &Darter, dir: &Path) -> anyhow::Result<DarterSnapshotter> {
+        let config = dir.join("darter.toml");
+        let cache = serde_json::to_string(&dir.join("cache").to_string_lossy())?;
+        std::fs::write(&config, format!("[mount]\ncache = {cache}\n"))
+            .with_context(|| format!("writing {}", config.display()))?;
+        let log_path = dir.join("snapshotter.log");
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut snapshotter = darter.command();
+        snapshotter
+            .arg("--config")
+            .arg(&config)
+            .args(["--plain-http", "snapshotter", "--socket"])
+            .arg(dir.join("snapshotter.sock"))
+            .arg("--root")
+            .arg(dir.join("root"));
+        let mut cmd = bed.client(&snapshotter);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
+        let mut started = DarterSnapshotter {
+            dir: dir.to_path_buf(),
+            darter: darter.clone(),
+            process: Some(
+                ChildGuard::spawn(&mut cmd).with_context(|| format!("starting {cmd:?}"))?,
+            ),
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        while std::os::unix::net::UnixStream::connect(started.socket()).is_err() {
+            let exited = started.process.as_mut().map(|p| p.child().try_wait());
+            if let Some(Ok(Some(status))) = exited {
+                bail!(
+                    "darter snapshotter exited with {status}; see {}",
+                    log_path.display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("darter snapshotter does not serve after {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(started)
+    }
+
+    /// Its snapshots socket (containerd's proxy plugin address).
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("snapshotter.sock")
+    }
+
+    /// The counters of its one lazy mount (`darter status`, then `darter
+    /// stats` of the mountpoint it names).
+    pub fn lazy_mount_stats(&self) -> anyhow::Result<MountStats> {
+        let root = self.dir.join("root");
+        let status = self.darter.json([
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--snapshotter-root".as_ref(),
+            root.as_os_str(),
+        ])?;
+        let mounts = status["lazy_mounts"]
+            .as_array()
+            .context("darter status: no lazy_mounts")?;
+        let [mount] = &mounts[..] else {
+            bail!("darter status lists {} lazy mounts, not one", mounts.len());
+        };
+        let mountpoint = mount["mountpoint"]
+            .as_str()
+            .context("a lazy mount without mountpoint")?;
+        let stats =
+            self.darter
+                .json(["stats".as_ref(), OsStr::new(mountpoint), "--json".as_ref()])?;
+        serde_json::from_value(stats).context("reading darter stats --json")
+    }
+}
+
+impl Drop for DarterSnapshotter {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        crate::mount::unmount_all_under(&self.dir);
+    }
 }
 
 /// What a command printed, and when its first line came.
@@ -288,7 +354,7 @@ mod tests {
         std::fs::create_dir(&overlay_dir).unwrap();
         let overlay = crate::testbed::Overlay::mount(&rootfs, &overlay_dir).unwrap();
         let containerd = Containerd::start(&bed, &ctd_dir).unwrap();
-        let pid = i32::try_from(containerd.process.id()).unwrap();
+        let pid = i32::try_from(containerd.inner.pid()).unwrap();
         let argv = ["sh", "-c", "echo one; sleep 0.3; echo two"];
         let started = Instant::now();
         let first = containerd
@@ -305,20 +371,5 @@ mod tests {
             || bed.client_processes().unwrap().is_empty(),
         );
         drop(overlay);
-    }
-
-    #[test]
-    fn config_keeps_everything_in_its_directory() {
-        let dir = Path::new("/w/run-1/ctd-0");
-        let toml = config_toml(dir, &dir.join("containerd.sock")).unwrap();
-        for needle in [
-            "root = \"/w/run-1/ctd-0/root\"",
-            "state = \"/w/run-1/ctd-0/state\"",
-            "address = \"/w/run-1/ctd-0/containerd.sock\"",
-            "address = \"/w/run-1/ctd-0/containerd.sock.ttrpc\"",
-            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]",
-        ] {
-            assert!(toml.contains(needle), "{needle} in\n{toml}");
-        }
     }
 }

@@ -95,11 +95,7 @@ pub const AI: ImageUnderTest = ImageUnderTest {
 impl ImageUnderTest {
     /// Runs the command in a container on `rootfs` and checks its output;
     /// returns when its first line came.
-    pub fn start(
-        &self,
-        containerd: &Containerd<'_>,
-        rootfs: Rootfs<'_>,
-    ) -> anyhow::Result<Instant> {
+    pub fn start(&self, containerd: &Containerd, rootfs: Rootfs<'_>) -> anyhow::Result<Instant> {
         containerd.run(rootfs, self.argv, self.expected_stdout)
     }
 

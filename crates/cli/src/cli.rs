@@ -62,6 +62,8 @@ pub enum Command {
     Peer(crate::cmd::p2p::PeerArgs),
     /// Make a Darter image runnable in containerd without downloading its layers.
     Pull(PullArgs),
+    /// Show the node's lazy mounts and how often images were pulled in full instead.
+    Status(StatusArgs),
 }
 
 /// `darter pull`.
@@ -101,6 +103,28 @@ pub struct SnapshotterArgs {
         default_value = "/var/lib/darter/snapshotter"
     )]
     pub root: PathBuf,
+    /// Also serve Prometheus metrics (`/metrics`) on this TCP address, e.g. 127.0.0.1:9108.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// `darter status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The root of the `darter snapshotter` to ask (its status socket is ROOT/status.sock).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/darter/snapshotter",
+        conflicts_with = "socket"
+    )]
+    pub snapshotter_root: PathBuf,
+    /// The status socket to ask, instead of the one under --snapshotter-root.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `darter copy`.
@@ -140,6 +164,12 @@ pub struct MountArgs {
     /// How the kernel sees the image: fuse (every request goes to the daemon) or erofs (the kernel mounts the image itself and asks the daemon only for file data it has not cached; needs root and Linux 6.12+).
     #[arg(long, value_name = "KIND")]
     pub frontend: Option<String>,
+    /// Hand the mount's FUSE device to the keeper listening on SOCKET (the snapshotter's), so the mount outlives this daemon: SIGINT/SIGTERM then end the daemon without unmounting, and reads wait for the next one.
+    #[arg(long, value_name = "SOCKET")]
+    pub keeper: Option<PathBuf>,
+    /// Take over the mount at MOUNTPOINT, whose device the keeper holds, instead of mounting (a restarted daemon).
+    #[arg(long, requires = "keeper")]
+    pub takeover: bool,
 }
 
 /// `darter stats`.

@@ -43,6 +43,9 @@ pub struct RegistryEntry {
     /// Talk plain HTTP.
     #[serde(default)]
     pub plain_http: bool,
+    /// Read (pull) through this mirror, e.g. a Darter P2P peer's
+    /// `http://127.0.0.1:PORT`; pushes still go to the registry.
+    pub mirror: Option<String>,
 }
 
 /// `[mount]`.
@@ -126,6 +129,9 @@ impl Config {
         for (host, entry) in &self.registries {
             if entry.plain_http {
                 c.plain_http.insert(host.clone());
+            }
+            if let Some(mirror) = &entry.mirror {
+                c.mirrors.insert(host.clone(), mirror.clone());
             }
         }
         c.plain_http.extend(plain_http_hosts.iter().cloned());

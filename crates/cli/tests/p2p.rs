@@ -4,339 +4,45 @@
 //! mirrors. The registry must send it about once; a peer whose store
 //! corrupts a piece is caught, reported and no longer chosen; with the
 //! scheduler dead, peers still complete from the origin, and after its
-//! restart it relearns what peers hold.
+//! restart it relearns what peers hold; a parent that stalls mid-piece and
+//! is killed costs only a retry at another parent.
 
 // Helpers are test code too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod p2p_common;
 
-use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
-use common::DARTER;
-use darter_registry::{
-    BlobSource, Client, ClientConfig, CredentialSource, Digest, Repository, Secret,
-};
-use darter_testkit::process::{ChildGuard, free_port, wait_until};
+use common::noise;
+use darter_testkit::faultproxy::{Fault, FaultProxy, FaultRule};
+use darter_testkit::process::{free_port, wait_until};
 use darter_testkit::registry::{RegistryAuth, TestRegistry};
-use sha2::{Digest as _, Sha256};
+use p2p_common::{
+    Cluster, Fetched, Peer, PeerSpec, START_TIMEOUT, loopback, push_blob, sha256_digest,
+};
 
 const BLOB_SIZE: usize = 64 << 20;
 const PIECE_SIZE: u64 = 4 << 20;
 const REPOSITORY: &str = "p2p/blob";
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bytes no compressor or dedup could shortcut (xorshift64*).
 fn random_blob(seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    let mut data = Vec::with_capacity(BLOB_SIZE);
-    while data.len() < BLOB_SIZE {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        data.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    data
-}
-
-fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
-/// Pushes `data` to the registry, as `login` (user, password) if given;
-/// returns its digest.
-fn push_blob(registry: &TestRegistry, data: Vec<u8>, login: Option<(&str, &str)>) -> String {
-    let digest = sha256_digest(&data);
-    let mut credentials = CredentialSource::anonymous();
-    if let Some((user, password)) = login {
-        credentials = credentials.with_explicit(&registry.host(), user, Secret::new(password));
-    }
-    let config = ClientConfig::default()
-        .with_plain_http(registry.host())
-        .with_credentials(credentials);
-    let client = Client::new(config).unwrap();
-    let repository = Repository::parse(&format!("{}/{REPOSITORY}", registry.host())).unwrap();
-    let parsed: Digest = digest.parse().unwrap();
-    tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(client.push_blob(&repository, &parsed, &BlobSource::Bytes(data.into()), None))
-        .unwrap();
-    digest
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-fn accepts(addr: SocketAddr) -> bool {
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
-/// What one GET through a mirror returned.
-#[derive(Debug)]
-struct Fetched {
-    status: u16,
-    /// The response head, lowercased.
-    head: String,
-    length: u64,
-    digest: String,
-    /// The body was shorter than its Content-Length, or the connection broke.
-    broken: bool,
-}
-
-/// `GET path` with HTTP/1.1 and `headers` (`Name: value`) on a fresh
-/// connection; hashes the body as it streams.
-fn get(addr: SocketAddr, path: &str, headers: &[String]) -> Fetched {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(FETCH_TIMEOUT)).unwrap();
-    let headers: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).unwrap_or(0) == 0 {
-            return Fetched {
-                status: 0,
-                head: String::new(),
-                length: 0,
-                digest: String::new(),
-                broken: true,
-            };
-        }
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
-    let status = head[9..12].parse().unwrap();
-    let expected: u64 = head
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0);
-    let mut hasher = Sha256::new();
-    let mut length = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut broken = false;
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buf[..n]);
-                length += n as u64;
-            }
-            Err(_) => {
-                broken = true;
-                break;
-            }
-        }
-    }
-    Fetched {
-        status,
-        head,
-        length,
-        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
-        broken: broken || length != expected,
-    }
-}
-
-/// A `darter` process logging to a file; killed on drop.
-struct Process {
-    guard: ChildGuard,
-    log: PathBuf,
-}
-
-impl Process {
-    fn start(args: &[String], log: PathBuf) -> Process {
-        let file = File::create(&log).unwrap();
-        let mut cmd = Command::new(DARTER);
-        cmd.args(args)
-            .arg("-v")
-            .env("DARTER_CONFIG", "/dev/null")
-            .env_remove("DARTER_LOG")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file);
-        Process {
-            guard: ChildGuard::spawn(&mut cmd).unwrap(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn assert_running(&mut self) {
-        let exited = self.guard.child().try_wait().unwrap();
-        assert!(exited.is_none(), "exited with {exited:?}:\n{}", self.log());
-    }
-}
-
-/// A cluster's shared parts: its directory, token, registry and scheduler.
-struct Cluster {
-    dir: tempfile::TempDir,
-    registry: TestRegistry,
-    scheduler_addr: SocketAddr,
-    scheduler: Option<Process>,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), "cluster-secret\n").unwrap();
-        let mut cluster = Cluster {
-            registry: TestRegistry::start(),
-            scheduler_addr: loopback(free_port()),
-            scheduler: None,
-            dir,
-        };
-        cluster.start_scheduler();
-        cluster
-    }
-
-    fn token_file(&self) -> String {
-        self.dir.path().join("token").display().to_string()
-    }
-
-    fn start_scheduler(&mut self) {
-        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
-        let args = [
-            "scheduler".into(),
-            "--listen".into(),
-            self.scheduler_addr.to_string(),
-            "--token-file".into(),
-            self.token_file(),
-        ];
-        let mut scheduler =
-            Process::start(&args, self.dir.path().join(format!("scheduler-{n}.log")));
-        wait_until(START_TIMEOUT, "the scheduler to listen", || {
-            scheduler.assert_running();
-            accepts(self.scheduler_addr)
-        });
-        self.scheduler = Some(scheduler);
-    }
-
-    /// Waits until the running scheduler has logged `line` `count` times.
-    fn wait_scheduler_log(&self, line: &str, count: usize) {
-        let scheduler = self.scheduler.as_ref().unwrap();
-        wait_until(
-            START_TIMEOUT,
-            &format!("{count} x {line:?} in the scheduler log"),
-            || scheduler.log().matches(line).count() >= count,
-        );
-    }
-
-    fn peer(&self, name: &str, seed: bool) -> Peer {
-        let store = self.dir.path().join(format!("store-{name}"));
-        let (mirror, pieces, metrics) = (
-            loopback(free_port()),
-            loopback(free_port()),
-            loopback(free_port()),
-        );
-        let mut args: Vec<String> = [
-            "peer",
-            "--scheduler",
-            &self.scheduler_addr.to_string(),
-            "--upstream",
-            &self.registry.url(),
-            "--mirror-listen",
-            &mirror.to_string(),
-            "--piece-listen",
-            &pieces.to_string(),
-            "--metrics-addr",
-            &metrics.to_string(),
-            "--store",
-            &store.display().to_string(),
-            "--store-size",
-            "1G",
-            "--token-file",
-            &self.token_file(),
-        ]
-        .map(String::from)
-        .to_vec();
-        if seed {
-            args.push("--seed".into());
-        }
-        let mut process = Process::start(&args, self.dir.path().join(format!("peer-{name}.log")));
-        wait_until(START_TIMEOUT, &format!("peer {name} to listen"), || {
-            process.assert_running();
-            accepts(mirror) && accepts(metrics)
-        });
-        Peer {
-            mirror,
-            pieces,
-            metrics,
-            store,
-            _process: process,
-        }
-    }
-}
-
-struct Peer {
-    mirror: SocketAddr,
-    pieces: SocketAddr,
-    metrics: SocketAddr,
-    store: PathBuf,
-    _process: Process,
-}
-
-impl Peer {
-    fn fetch(&self, digest: &str) -> Fetched {
-        self.get(&format!("/v2/{REPOSITORY}/blobs/{digest}"), &[])
-    }
-
-    /// `GET path` through the peer's mirror.
-    fn get(&self, path: &str, headers: &[String]) -> Fetched {
-        get(self.mirror, path, headers)
-    }
-
-    /// The counters, through `darter peer status --json`.
-    fn status(&self) -> serde_json::Value {
-        let out = Command::new(DARTER)
-            .args(["peer", "status", "--json", "--metrics-addr"])
-            .arg(self.metrics.to_string())
-            .env("DARTER_CONFIG", "/dev/null")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        self.status()[name].as_u64().unwrap()
-    }
-
-    fn data_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.store
-            .join("tasks")
-            .join(format!("sha256-{hex}"))
-            .join("data")
-    }
+    noise(seed, BLOB_SIZE)
 }
 
 /// A cluster holding a random blob (from `blob_seed`), with a seed peer
 /// and peers named `names`, all registered with the scheduler.
 fn seeded_cluster(blob_seed: u64, names: &[&str]) -> (Cluster, String, Peer, Vec<Peer>) {
     let cluster = Cluster::start();
-    let digest = push_blob(&cluster.registry, random_blob(blob_seed), None);
+    let digest = push_blob(&cluster.registry, REPOSITORY, random_blob(blob_seed), None);
     let seed = cluster.peer("seed", true);
     let peers: Vec<Peer> = names.iter().map(|n| cluster.peer(n, false)).collect();
-    cluster.wait_scheduler_log("peer registered", names.len() + 1);
+    cluster.wait_peers(names.len() + 1);
     (cluster, digest, seed, peers)
 }
 
@@ -368,7 +74,7 @@ fn peers_fetching_one_blob_at_once_take_it_from_the_registry_about_once() {
     let fetched: Vec<Fetched> = std::thread::scope(|scope| {
         let handles: Vec<_> = peers
             .iter()
-            .map(|peer| scope.spawn(|| peer.fetch(&digest)))
+            .map(|peer| scope.spawn(|| peer.fetch(REPOSITORY, &digest)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -421,14 +127,14 @@ fn peers_fetching_one_blob_at_once_take_it_from_the_registry_about_once() {
 fn a_peer_serving_a_corrupt_piece_is_caught_reported_and_no_longer_chosen() {
     let (cluster, digest, seed, peers) = seeded_cluster(2, &["b", "c"]);
     let (b, c) = (&peers[0], &peers[1]);
-    assert_correct(&seed.fetch(&digest), &digest);
-    cluster.wait_scheduler_log("peer holds the whole task", 1);
+    assert_correct(&seed.fetch(REPOSITORY, &digest), &digest);
+    cluster.wait_verified(&digest, 1);
     corrupt_piece(&seed.data_file(&digest), 2);
 
     // b gets the bad piece from the seed, rejects it, reports the seed and
     // takes the pieces it still lacks from the registry instead (how many
     // good ones came from the seed first depends on what was in flight).
-    assert_correct(&b.fetch(&digest), &digest);
+    assert_correct(&b.fetch(REPOSITORY, &digest), &digest);
     assert_eq!(b.counter("bad_pieces"), 1);
     let from_origin = b.counter("bytes_from_origin");
     assert!(from_origin >= PIECE_SIZE, "{from_origin}");
@@ -436,38 +142,49 @@ fn a_peer_serving_a_corrupt_piece_is_caught_reported_and_no_longer_chosen() {
         from_origin + b.counter("bytes_from_peers"),
         BLOB_SIZE as u64
     );
-    cluster.wait_scheduler_log("no longer chosen", 1);
+    // One report does not block the seed for everyone (a member could
+    // shut others out), but it is offered only when no one else can serve.
+    cluster.wait_status("the seed reported", |s| {
+        s["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["reporters"] == 1)
+    });
+    assert_eq!(cluster.scheduler_metric("reported_peers"), 1);
+    assert_eq!(cluster.scheduler_metric("blocked_peers"), 0);
+    assert_eq!(cluster.scheduler_metric("bad_peer_reports_total"), 1);
 
-    // c is sent to b only: the seed serves no one any more.
-    cluster.wait_scheduler_log("peer holds the whole task", 2);
+    // c is sent to b only, which holds it all.
+    cluster.wait_verified(&digest, 2);
     let seed_served = seed.counter("bytes_served_to_peers");
-    assert_correct(&c.fetch(&digest), &digest);
+    assert_correct(&c.fetch(REPOSITORY, &digest), &digest);
     assert_eq!(c.counter("bytes_from_peers"), BLOB_SIZE as u64);
     assert_eq!(c.counter("bad_pieces"), 0);
     assert_eq!(seed.counter("bytes_served_to_peers"), seed_served);
 
     // The seed's own client never gets the corrupt byte: the response
     // breaks, the copy is dropped, and the next request fetches it again.
-    let broken = seed.fetch(&digest);
+    let broken = seed.fetch(REPOSITORY, &digest);
     assert!(broken.broken, "{broken:?}");
     assert_ne!(broken.digest, digest);
-    assert_correct(&seed.fetch(&digest), &digest);
+    assert_correct(&seed.fetch(REPOSITORY, &digest), &digest);
 }
 
 #[test]
 fn without_a_scheduler_peers_fetch_from_the_registry_and_a_restarted_one_relearns_holders() {
     let mut cluster = Cluster::start();
-    let digest = push_blob(&cluster.registry, random_blob(3), None);
+    let digest = push_blob(&cluster.registry, REPOSITORY, random_blob(3), None);
     let a = cluster.peer("a", false);
     let b = cluster.peer("b", false);
-    cluster.wait_scheduler_log("peer registered", 2);
+    cluster.wait_peers(2);
     drop(cluster.scheduler.take());
 
     let digest = digest.as_str();
     let fetched: Vec<Fetched> = std::thread::scope(|scope| {
         let handles: Vec<_> = [&a, &b]
             .into_iter()
-            .map(|peer| scope.spawn(move || peer.fetch(digest)))
+            .map(|peer| scope.spawn(move || peer.fetch(REPOSITORY, digest)))
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
@@ -480,10 +197,10 @@ fn without_a_scheduler_peers_fetch_from_the_registry_and_a_restarted_one_relearn
     // A new scheduler learns from the peers' keepalives and reports who
     // holds the blob, and sends a newcomer to them.
     cluster.start_scheduler();
-    cluster.wait_scheduler_log("peer holds the whole task", 2);
+    cluster.wait_verified(digest, 2);
     let c = cluster.peer("c", false);
-    cluster.wait_scheduler_log("peer registered", 3);
-    assert_correct(&c.fetch(digest), digest);
+    cluster.wait_peers(3);
+    assert_correct(&c.fetch(REPOSITORY, digest), digest);
     assert_eq!(c.counter("bytes_from_peers"), BLOB_SIZE as u64);
     assert_eq!(c.counter("bytes_from_origin"), 0);
 }
@@ -492,13 +209,13 @@ fn without_a_scheduler_peers_fetch_from_the_registry_and_a_restarted_one_relearn
 fn a_dead_parent_costs_only_a_retry_at_another_parent() {
     let (cluster, digest, seed, peers) = seeded_cluster(4, &["a", "b"]);
     let (a, b) = (&peers[0], &peers[1]);
-    assert_correct(&a.fetch(&digest), &digest);
-    cluster.wait_scheduler_log("peer holds the whole task", 2);
+    assert_correct(&a.fetch(REPOSITORY, &digest), &digest);
+    cluster.wait_verified(&digest, 2);
 
     // The seed dies; the scheduler still lists it until its keepalives
     // are missed, so b is sent to it and to a.
     drop(seed);
-    assert_correct(&b.fetch(&digest), &digest);
+    assert_correct(&b.fetch(REPOSITORY, &digest), &digest);
     assert_eq!(b.counter("bytes_from_peers"), BLOB_SIZE as u64);
     assert_eq!(b.counter("bytes_from_origin"), 0);
     assert_eq!(a.counter("bytes_served_to_peers"), BLOB_SIZE as u64);
@@ -507,15 +224,15 @@ fn a_dead_parent_costs_only_a_retry_at_another_parent() {
 #[test]
 fn the_mirror_serves_blobs_only_to_clients_the_registry_admits_and_passes_credentials_on() {
     let users = vec![("alice".to_owned(), "wonderland".to_owned())];
-    let mut cluster = Cluster::start();
-    cluster.registry = TestRegistry::start_with(&RegistryAuth::Htpasswd(users));
+    let cluster = Cluster::with_registry(TestRegistry::start_with(&RegistryAuth::Htpasswd(users)));
     let digest = push_blob(
         &cluster.registry,
+        REPOSITORY,
         random_blob(5),
         Some(("alice", "wonderland")),
     );
     let peer = cluster.peer("a", false);
-    cluster.wait_scheduler_log("peer registered", 1);
+    cluster.wait_peers(1);
     let blob = format!("/v2/{REPOSITORY}/blobs/{digest}");
 
     // Without credentials the registry's challenge comes back, for the
@@ -565,4 +282,100 @@ fn pieces_are_served_only_to_cluster_members_and_only_by_digest() {
         stream.read_to_string(&mut reply).unwrap();
         assert_eq!(&reply[9..12], status.to_string(), "{path} with {token:?}");
     }
+}
+
+#[test]
+fn a_parent_stalling_mid_piece_then_killed_costs_only_a_retry_at_another_parent() {
+    let cluster = Cluster::start();
+    let digest = push_blob(&cluster.registry, REPOSITORY, random_blob(6), None);
+    // a's piece server is reached through a fault proxy.
+    let a_pieces = loopback(free_port());
+    let proxy = FaultProxy::start(a_pieces);
+    let a = cluster.peer_with(
+        "a",
+        PeerSpec {
+            pieces: Some(a_pieces),
+            advertise: Some(proxy.addr()),
+            ..PeerSpec::default()
+        },
+    );
+    let b = cluster.peer("b", false);
+    let c = cluster.peer("c", false);
+    cluster.wait_peers(3);
+    assert_correct(&a.fetch(REPOSITORY, &digest), &digest);
+    cluster.wait_verified(&digest, 1);
+    assert_correct(&b.fetch(REPOSITORY, &digest), &digest);
+    cluster.wait_verified(&digest, 2);
+
+    // The next piece a sends stops after 1 MiB, for longer than the test.
+    proxy.clear_log();
+    proxy.inject(
+        FaultRule::new(Fault::StallBody {
+            after: 1 << 20,
+            duration: Duration::from_secs(3600),
+        })
+        .path_contains("/pieces/"),
+    );
+    std::thread::scope(|scope| {
+        let fetch = scope.spawn(|| c.fetch(REPOSITORY, &digest));
+        wait_until(START_TIMEOUT, "a piece from a to stall", || {
+            proxy.pending_faults() == 0
+        });
+        drop(a);
+        assert_correct(&fetch.join().unwrap(), &digest);
+    });
+    let stalled = proxy.requests();
+    assert!(
+        matches!(stalled[0].fault, Some(Fault::StallBody { .. })),
+        "{stalled:?}"
+    );
+    // Every piece came from peers, those a never finished from b.
+    assert_eq!(c.counter("bytes_from_peers"), BLOB_SIZE as u64);
+    assert_eq!(c.counter("bytes_from_origin"), 0);
+    assert_eq!(c.counter("bad_pieces"), 0);
+    assert!(b.counter("bytes_served_to_peers") >= PIECE_SIZE);
+}
+
+#[test]
+fn a_range_is_served_from_the_pieces_it_covers_before_the_rest_of_the_blob_arrives() {
+    let cluster = Cluster::start();
+    let data = random_blob(7);
+    let digest = push_blob(&cluster.registry, REPOSITORY, data.clone(), None);
+    // Every blob GET from the registry stops for good after 5 MiB, so the
+    // blob is never complete: only the pieces of the first request arrive.
+    let proxy = FaultProxy::start(cluster.registry.addr());
+    proxy.inject(
+        FaultRule::new(Fault::StallBody {
+            after: 5 << 20,
+            duration: Duration::from_secs(3600),
+        })
+        .method("GET")
+        .path_contains("/blobs/")
+        .times(usize::MAX),
+    );
+    let a = cluster.peer_with(
+        "a",
+        PeerSpec {
+            upstream: Some(proxy.addr()),
+            ..PeerSpec::default()
+        },
+    );
+    cluster.wait_peers(1);
+
+    // Bytes deep in the blob: their piece is fetched first and sent.
+    let (start, end) = (12 * PIECE_SIZE + 1000, 12 * PIECE_SIZE + 99_999);
+    let ranged = a.get(
+        &format!("/v2/{REPOSITORY}/blobs/{digest}"),
+        &[format!("Range: bytes={start}-{end}")],
+    );
+    assert_eq!(ranged.status, 206, "{ranged:?}");
+    assert!(!ranged.broken, "{ranged:?}");
+    assert_eq!(
+        ranged.digest,
+        sha256_digest(&data[start as usize..=end as usize])
+    );
+    let status = cluster.status();
+    let task = &status["tasks"][0];
+    assert_eq!(task["verified"], 0, "{status:#}");
+    assert_eq!(a.counter("bytes_from_origin"), PIECE_SIZE);
 }

@@ -11,6 +11,7 @@
 mod common;
 mod mount_common;
 mod registry_common;
+mod snapshotter_common;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,6 +30,7 @@ use darter_snapshotter::api::snapshots::v1::{
 use darter_testkit::containerd::Containerd;
 use darter_testkit::process::{ChildGuard, mounts_under, run, wait_until};
 use registry_common::registry_with_python;
+use snapshotter_common::{DarterRegistry, UnmountUnder};
 
 /// The proxy plugin's name in containerd's config (`--snapshotter darter`).
 const PLUGIN: &str = "darter";
@@ -52,6 +54,11 @@ impl Snapshotter {
     /// [`Snapshotter::start`] with the darter config file `config` (the
     /// lazy mounts it makes get it too).
     fn start_with_config(dir: &Path, config: &Path) -> Snapshotter {
+        Snapshotter::start_with(dir, config, &[])
+    }
+
+    /// [`Snapshotter::start_with_config`], with more arguments.
+    fn start_with(dir: &Path, config: &Path, args: &[String]) -> Snapshotter {
         let log = File::options()
             .create(true)
             .append(true)
@@ -62,6 +69,7 @@ impl Snapshotter {
             .arg(dir.join("snapshotter.sock"))
             .arg("--root")
             .arg(dir.join("root"))
+            .args(args)
             .env("DARTER_CONFIG", config)
             // Every snapshot operation, without the gRPC stack's chatter.
             .env("DARTER_LOG", "info,darter_snapshotter=debug")
@@ -523,43 +531,46 @@ struct LazySetup {
     plain: String,
 }
 
-/// Unmounts everything below a directory on drop (a lazy mount's daemon
-/// exits when its mount goes).
-struct UnmountUnder(PathBuf);
-
-impl Drop for UnmountUnder {
-    fn drop(&mut self) {
-        let mut mounts = mounts_under(&self.0).unwrap_or_default();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        drop(
-            mounts
-                .into_iter()
-                .map(darter_testkit::process::MountGuard::new)
-                .collect::<Vec<_>>(),
-        );
-    }
+/// How [`LazySetup`] starts its snapshotter.
+#[derive(Debug, Default)]
+struct SnapshotterOptions {
+    /// Serve Prometheus metrics on this port of 127.0.0.1.
+    metrics_port: Option<u16>,
+    /// Plain HTTP to the registry only through the global `--plain-http`,
+    /// not through the config file.
+    plain_http_flag_only: bool,
 }
 
 impl LazySetup {
     /// Converts the python image to a Darter image in the registry, starts
     /// the snapshotter and containerd, and pulls the image with `darter pull`.
     fn pulled() -> LazySetup {
-        let (registry, scratch, _source) = registry_with_python("test/python");
-        let host = registry.host();
-        let reference = format!("{host}/test/python:darter");
-        scratch.build(
-            registry_common::docker(&host, "test/python:oci"),
-            &reference,
-            &[],
-        );
-        // The mounts' chunk cache is the test's own.
-        let config = scratch.path("config.toml");
-        let mut toml = std::fs::read_to_string(&config).unwrap();
-        toml = format!("[mount]\ncache = {:?}\n\n{toml}", scratch.path("cache"));
-        std::fs::write(&config, toml).unwrap();
+        LazySetup::pulled_with(&SnapshotterOptions::default())
+    }
 
+    /// [`LazySetup::pulled`], the snapshotter started with `options`.
+    fn pulled_with(options: &SnapshotterOptions) -> LazySetup {
+        let DarterRegistry {
+            registry,
+            scratch,
+            reference,
+            config,
+        } = DarterRegistry::start();
+        let host = registry.host();
+
+        let mut args = Vec::new();
+        let mut snapshotter_config = config;
+        if let Some(port) = options.metrics_port {
+            args.extend(["--metrics".to_owned(), format!("127.0.0.1:{port}")]);
+        }
+        if options.plain_http_flag_only {
+            snapshotter_config = scratch.path("config-without-plain-http.toml");
+            let cache = format!("[mount]\ncache = {:?}\n", scratch.path("cache"));
+            std::fs::write(&snapshotter_config, cache).unwrap();
+            args.push("--plain-http".to_owned());
+        }
         let dir = tempfile::tempdir().unwrap();
-        let snapshotter = Snapshotter::start_with_config(dir.path(), &config);
+        let snapshotter = Snapshotter::start_with(dir.path(), &snapshotter_config, &args);
         let lazy_mounts = UnmountUnder(dir.path().to_path_buf());
         let containerd = Containerd::start(&[(PLUGIN, &snapshotter.socket())]).unwrap();
         let setup = LazySetup {
@@ -590,6 +601,19 @@ impl LazySetup {
 
     fn snapshotter(&self) -> &Snapshotter {
         self.snapshotter.as_ref().unwrap()
+    }
+
+    /// `darter status --json` of the snapshotter.
+    fn status(&self) -> darter_snapshotter::NodeStatus {
+        let root = self.snapshotter().root();
+        let out = common::darter([
+            "status".as_ref(),
+            "--json".as_ref(),
+            "--snapshotter-root".as_ref(),
+            root.as_os_str(),
+        ] as [&std::ffi::OsStr; 4])
+        .ok();
+        serde_json::from_str(&out.stdout).unwrap()
     }
 
     /// The one lazy mount below the snapshotter's root.
@@ -637,16 +661,84 @@ fn a_darter_image_runs_from_a_lazy_mount_and_removal_unmounts_it() {
     );
 }
 
+/// `GET PATH` of 127.0.0.1:`port`: the body of a 200 answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
 #[test]
-fn a_plain_image_is_pulled_in_full_by_darter_pull() {
-    let setup = LazySetup::pulled();
+fn a_plain_image_is_pulled_in_full_by_darter_pull_and_counted_as_a_fallback() {
+    let port = darter_testkit::process::free_port();
+    let setup = LazySetup::pulled_with(&SnapshotterOptions {
+        metrics_port: Some(port),
+        ..SnapshotterOptions::default()
+    });
     let socket = setup.snapshotter().socket();
+    let before = setup.status();
+    let daemon = mount_common::try_stats(&setup.lazy_mount()).unwrap().pid;
+    let [mount] = &before.lazy_mounts[..] else {
+        panic!("one lazy mount: {before:?}");
+    };
+    assert_eq!(mount.daemon.map(|d| d.pid), Some(daemon), "{before:?}");
+    assert_eq!(mount.mountpoint, setup.lazy_mount());
+    assert!(before.fallbacks.values().all(|&n| n == 0), "{before:?}");
+
     setup.darter_pull(&setup.plain).ok().mentions(&[
         "not a Darter image: pulling in full",
         "2 layers, all downloaded and unpacked",
     ]);
     // Its two layers unpacked, beside the Darter image's three.
     committed_layers(&socket, 5);
+    // Counted once, in `darter status` and in the metrics, and logged.
+    let after = setup.status();
+    assert_eq!(after.fallbacks["not-darter"], 1, "{after:?}");
+    assert_eq!(after.fallbacks.values().sum::<u64>(), 1, "{after:?}");
+    let images = |s: &darter_snapshotter::NodeStatus| -> Vec<String> {
+        s.lazy_mounts.iter().map(|m| m.image.clone()).collect()
+    };
+    assert_eq!(
+        images(&after),
+        images(&before),
+        "the plain image is not lazy"
+    );
+    let metrics = http_get(port, "/metrics");
+    for line in [
+        "darter_lazy_mounts 1\n",
+        "darter_lazy_fallbacks_total{reason=\"not-darter\"} 1\n",
+        "darter_lazy_fallbacks_total{reason=\"registry-error\"} 0\n",
+        &format!("pid=\"{daemon}\"}}"),
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+    let log = log_of(setup.dir.path());
+    assert!(
+        log.contains("WARN") && log.contains("the client pulls this image in full"),
+        "{log}"
+    );
+    let text = common::darter([
+        "status".as_ref(),
+        "--socket".as_ref(),
+        darter_snapshotter::status_socket(&setup.snapshotter().root()).as_os_str(),
+    ] as [&std::ffi::OsStr; 3])
+    .ok();
+    text.mentions(&[
+        "lazy mounts      1",
+        "pulled in full   1",
+        "not-darter     1",
+    ]);
+    // Pulled again, nothing is unpacked, and nothing more counted.
+    setup.darter_pull(&setup.plain).ok();
+    assert_eq!(setup.status().fallbacks["not-darter"], 1);
     run_python(&setup.containerd, &setup.plain, "plain-1");
 
     ctr(&setup.containerd, &["images", "rm", "--sync", &setup.plain]);
@@ -688,4 +780,20 @@ fn a_restarted_snapshotter_mounts_its_remote_layers_again() {
         },
     );
     run_python(&setup.containerd, &setup.reference, "lazy-after-restart");
+}
+
+/// The bug: `darter snapshotter --plain-http` read manifests over HTTPS
+/// (only the config file's `plain_http` applied to its own reads), so it
+/// could not tell a Darter image from an unreadable one and fell back.
+#[test]
+fn regression_the_snapshotter_ignored_plain_http_for_its_own_registry_reads() {
+    let setup = LazySetup::pulled_with(&SnapshotterOptions {
+        plain_http_flag_only: true,
+        ..SnapshotterOptions::default()
+    });
+    committed_layers(&setup.snapshotter().socket(), 3);
+    mount_common::try_stats(&setup.lazy_mount()).expect("served lazily");
+    let status = setup.status();
+    assert_eq!(status.fallbacks["registry-error"], 0, "{status:?}");
+    run_python(&setup.containerd, &setup.reference, "plain-http-flag");
 }

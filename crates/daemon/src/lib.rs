@@ -6,15 +6,20 @@
 //! `curl --unix-socket` works too), Prometheus metrics over TCP, and the
 //! background prefetcher. A mount is served either entirely over FUSE or
 //! through the kernel's EROFS driver (`kernel.rs`), which mounts the
-//! bootstrap itself over the devices the daemon serves.
+//! bootstrap itself over the devices the daemon serves. Under a keeper
+//! (`keeper.rs`, the snapshotter) a mount outlives its daemon: the keeper
+//! holds a copy of the FUSE device, and a restarted daemon takes the mount
+//! over with the requests the dead one left unanswered.
 //!
 //! Must not: parse image formats or fetch chunks itself (`darter-image`,
-//! `darter-cache`), or outlive its mount.
+//! `darter-cache`), or outlive its mount (it may end before it, under a
+//! keeper).
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 mod http;
+pub mod keeper;
 mod kernel;
 mod metrics;
 mod mount;

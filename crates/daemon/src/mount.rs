@@ -1,6 +1,7 @@
 //! One mount's lifecycle.
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -12,6 +13,7 @@ use darter_image::{BlobSource, Image};
 use fuser::{MountOption, SessionACL};
 
 use crate::api::{StatsReport, socket_path};
+use crate::keeper::KeeperLink;
 use crate::kernel::{KernelMount, prepare_devices_dir};
 use crate::{http, metrics};
 
@@ -34,6 +36,13 @@ pub struct MountOptions {
     pub store: StoreOptions,
     /// How the kernel sees the mount.
     pub frontend: Frontend,
+    /// The keeper to hand the mount's FUSE device to. Under a keeper,
+    /// SIGINT/SIGTERM end the daemon without unmounting (a restart: the
+    /// keeper starts another daemon that takes the mount over).
+    pub keeper: Option<PathBuf>,
+    /// Take over the mount already at the mountpoint, whose device the
+    /// keeper holds, instead of mounting.
+    pub takeover: bool,
 }
 
 /// Why a mount failed.
@@ -63,6 +72,18 @@ pub enum DaemonError {
         /// What mount(2) said.
         source: std::io::Error,
     },
+    /// The keeper has no device for the mount, or cannot be reached.
+    #[error(transparent)]
+    Keeper(#[from] crate::keeper::KeeperError),
+    /// The taken-over FUSE connection cannot be served.
+    #[error(transparent)]
+    Takeover(#[from] darter_fuse::TakeoverError),
+    /// A takeover was asked for without a keeper.
+    #[error("taking over {} needs a keeper", mountpoint.display())]
+    TakeoverWithoutKeeper {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
     /// Setting up a socket or the mount failed.
     #[error("{op} {what}: {source}")]
     Io {
@@ -90,7 +111,8 @@ pub struct ImageSpec<S> {
 }
 
 /// How the kernel sees a mount.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Frontend {
     /// The daemon answers every request of the mounted tree over FUSE
     /// (lookups, attributes, directories and file data).
@@ -105,16 +127,19 @@ pub enum Frontend {
 }
 
 /// Opens `spec` (fetching the bootstrap, counted as backend traffic),
-/// mounts it at `mountpoint` and serves it until it is unmounted or the
-/// process gets SIGINT/SIGTERM (which unmount cleanly). `ready` runs once
-/// the mount answers requests.
+/// mounts it at `mountpoint` (or takes the mount there over, see
+/// [`MountOptions::takeover`]) and serves it until it is unmounted or the
+/// process gets SIGINT/SIGTERM (which unmount cleanly, unless a keeper
+/// keeps the mount). `ready` runs once the mount answers requests.
 pub fn mount<S: BlobSource + 'static>(
     spec: ImageSpec<S>,
     mountpoint: &Path,
     opts: &MountOptions,
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
-    prepare_mountpoint(mountpoint)?;
+    if !opts.takeover {
+        prepare_mountpoint(mountpoint)?;
+    }
     let disk = CacheDir::open(&opts.cache_dir)?;
     let stats = Arc::new(Stats::default());
     let image = Image::open(
@@ -136,14 +161,20 @@ pub fn mount<S: BlobSource + 'static>(
     match opts.frontend {
         Frontend::Fuse => {
             let fs = DarterFs::new(mount.store.clone(), FsOptions::default());
-            let session = start_session(fs, mountpoint, &mount.fuse_config(opts, ""))?;
+            let abi = fs.abi_slot();
+            let config = mount.fuse_config(opts, "");
+            let session = Served::start(fs, &abi, mountpoint, mountpoint, &config, opts)?;
             mount.serve(session, None, opts, ready)
         }
         Frontend::Erofs => {
             let devices = crate::api::devices_dir(mountpoint);
-            prepare_devices_dir(&devices)?;
+            if !opts.takeover {
+                prepare_devices_dir(&devices)?;
+            }
             let fs = DevicesFs::new(mount.store.clone());
-            let session = start_session(fs, &devices, &mount.fuse_config(opts, "devices:"))?;
+            let abi = fs.abi_slot();
+            let config = mount.fuse_config(opts, "devices:");
+            let session = Served::start(fs, &abi, &devices, mountpoint, &config, opts)?;
             let kernel = KernelMount {
                 devices,
                 mountpoint: mountpoint.to_owned(),
@@ -170,6 +201,69 @@ fn start_session<FS: fuser::Filesystem>(
     Ok(session)
 }
 
+/// A FUSE session ready to run: mounted by this daemon, or taken over
+/// from the keeper.
+struct Served {
+    run: Box<dyn FnOnce() -> std::io::Result<()> + Send>,
+    unmounter: fuser::SessionUnmounter,
+    /// The connection's device and what its kernel offered, for the keeper.
+    device: OwnedFd,
+    abi: darter_fuse::KernelAbi,
+    taken_over: bool,
+}
+
+impl Served {
+    /// Mounts `fs` at `at` (the mountpoint, or the devices directory of
+    /// the mount at `mountpoint`), or takes that mount over from the keeper.
+    fn start<FS: fuser::Filesystem + Send + 'static>(
+        fs: FS,
+        abi: &darter_fuse::AbiSlot,
+        at: &Path,
+        mountpoint: &Path,
+        config: &fuser::Config,
+        opts: &MountOptions,
+    ) -> Result<Served, DaemonError> {
+        let dup_error = |source| DaemonError::Io {
+            op: "duplicate the FUSE device of",
+            what: at.display().to_string(),
+            source,
+        };
+        if opts.takeover {
+            let keeper =
+                opts.keeper
+                    .as_deref()
+                    .ok_or_else(|| DaemonError::TakeoverWithoutKeeper {
+                        mountpoint: mountpoint.to_owned(),
+                    })?;
+            let (record, device) = crate::keeper::take_device(keeper, mountpoint)?;
+            let kept = device.try_clone().map_err(dup_error)?;
+            let mut taken = darter_fuse::take_over(fs, device, record.abi(), config.clone())?;
+            tracing::info!(mountpoint = %mountpoint.display(), previous_pid = record.pid, "took the mount over");
+            return Ok(Served {
+                unmounter: taken.session_mut().unmount_callable(),
+                run: Box::new(move || taken.run()),
+                device: kept,
+                abi: record.abi(),
+                taken_over: true,
+            });
+        }
+        let mut session = start_session(fs, at, config)?;
+        let device = session.as_fd().try_clone_to_owned().map_err(dup_error)?;
+        let abi = abi.get().copied().ok_or_else(|| DaemonError::Io {
+            op: "negotiate FUSE_INIT at",
+            what: at.display().to_string(),
+            source: std::io::Error::other("the session did not record the kernel's offer"),
+        })?;
+        Ok(Served {
+            unmounter: session.unmount_callable(),
+            run: Box::new(move || session.run()),
+            device,
+            abi,
+            taken_over: false,
+        })
+    }
+}
+
 /// One image being mounted.
 struct Mount<S> {
     name: String,
@@ -190,20 +284,30 @@ impl<S: BlobSource + 'static> Mount<S> {
         ];
         config.acl = SessionACL::All;
         config.n_threads = Some(opts.threads.max(1));
-        config.clone_fd = true;
+        // A cloned device is a file of its own, and a daemon's death ends
+        // (ECONNABORTED) the requests read through it: under a keeper
+        // every thread reads the one device the keeper holds a copy of.
+        config.clone_fd = opts.keeper.is_none();
         config
     }
 
     /// Serves `session` (at the mountpoint, or at the devices directory
     /// under `kernel`'s EROFS mount) until it ends.
-    fn serve<FS: fuser::Filesystem + Send + 'static>(
+    fn serve(
         self,
-        mut session: fuser::Session<FS>,
+        session: Served,
         kernel: Option<KernelMount>,
         opts: &MountOptions,
         ready: impl FnOnce(),
     ) -> Result<(), DaemonError> {
-        let unmounter = Arc::new(Mutex::new(session.unmount_callable()));
+        let Served {
+            run,
+            unmounter,
+            device,
+            abi,
+            taken_over,
+        } = session;
+        let unmounter = Arc::new(Mutex::new(unmounter));
         let socket = socket_path(&self.mountpoint);
         let shutdown = Arc::new(Shutdown::new(
             self.store.clone(),
@@ -214,7 +318,26 @@ impl<S: BlobSource + 'static> Mount<S> {
         let unmount_order: Vec<PathBuf> = std::iter::once(self.mountpoint.clone())
             .chain(kernel.as_ref().map(|k| k.devices.clone()))
             .collect();
-        spawn_signal_handler(unmounter.clone(), shutdown.clone(), unmount_order)?;
+        let on_signal = match opts.keeper {
+            Some(_) => OnSignal::LeaveMounted,
+            None => OnSignal::Unmount(unmount_order),
+        };
+        spawn_signal_handler(unmounter.clone(), shutdown.clone(), on_signal)?;
+        let keep = |devices: Option<PathBuf>| {
+            opts.keeper.as_deref().map(|keeper| {
+                let record = crate::keeper::MountRecord {
+                    mountpoint: self.mountpoint.clone(),
+                    image: self.name.clone(),
+                    frontend: opts.frontend,
+                    devices,
+                    pid: std::process::id(),
+                    abi_major: abi.major,
+                    abi_minor: abi.minor,
+                    capabilities: abi.capabilities,
+                };
+                KeeperLink::start(keeper, record, device)
+            })
+        };
         fetch_chunk_tables(&self.store);
         let serve_error = |source| DaemonError::Io {
             op: "serve",
@@ -223,19 +346,24 @@ impl<S: BlobSource + 'static> Mount<S> {
         };
         let result = match kernel {
             None => {
+                let link = keep(None);
                 self.start_api(&socket, opts)?;
                 ready();
-                session.run().map_err(serve_error)
+                let served = run().map_err(serve_error);
+                link.inspect(KeeperLink::unmounted);
+                served
             }
             Some(kernel) => {
-                let serving = std::thread::spawn(move || session.run());
-                if let Err(e) = kernel.mount() {
+                let serving = std::thread::spawn(run);
+                let mounted = if taken_over { Ok(()) } else { kernel.mount() };
+                if let Err(e) = mounted {
                     unmount_when_idle(&unmounter, &kernel.devices);
                     let _ = serving.join();
                     let _ = std::fs::remove_dir(&kernel.devices);
                     return Err(e);
                 }
                 let devices = kernel.devices.clone();
+                let link = keep(Some(devices.clone()));
                 let watched = devices.clone();
                 kernel.watch_unmount(move || {
                     tracing::info!("the kernel mount is gone; unmounting its devices");
@@ -247,6 +375,7 @@ impl<S: BlobSource + 'static> Mount<S> {
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session panicked")))
                     .map_err(serve_error);
+                link.inspect(KeeperLink::unmounted);
                 // Empty once the session has ended; nothing to do if not.
                 let _ = std::fs::remove_dir(&devices);
                 served
@@ -418,11 +547,20 @@ fn spawn_metrics(listener: TcpListener, report: Reporter) {
     });
 }
 
-/// SIGINT and SIGTERM unmount, which ends the session loop cleanly.
+/// What SIGINT and SIGTERM do.
+enum OnSignal {
+    /// Unmount these paths, in this order, which ends the session loop
+    /// cleanly.
+    Unmount(Vec<PathBuf>),
+    /// End the daemon and leave the mount to the keeper, which holds its
+    /// device and starts another daemon.
+    LeaveMounted,
+}
+
 fn spawn_signal_handler<S: BlobSource + 'static>(
     unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
     shutdown: Arc<Shutdown<S>>,
-    unmount_order: Vec<PathBuf>,
+    on_signal: OnSignal,
 ) -> Result<(), DaemonError> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
@@ -434,6 +572,14 @@ fn spawn_signal_handler<S: BlobSource + 'static>(
     })?;
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            let OnSignal::Unmount(unmount_order) = on_signal else {
+                tracing::info!(
+                    signal = sig,
+                    "stopping; the keeper keeps the mount for the next daemon"
+                );
+                shutdown.finish();
+                std::process::exit(0);
+            };
             tracing::info!(signal = sig, "unmounting on signal");
             // Every path is unmounted, whatever became of the ones before.
             let outcomes: Vec<Unmounted> = unmount_order

@@ -15,6 +15,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use darter_cache::ChunkStore;
 use darter_format::erofs::ondisk::mode::{S_IFMT, S_IFREG};
 use darter_image::BlobSource;
+
+use crate::takeover::{AbiSlot, KernelAbi};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
@@ -47,6 +49,8 @@ enum Node {
 pub struct DevicesFs<S> {
     store: Arc<ChunkStore<S>>,
     ttl: Duration,
+    /// What the kernel offered at FUSE_INIT, for a daemon taking over.
+    abi: AbiSlot,
 }
 
 impl<S> std::fmt::Debug for DevicesFs<S> {
@@ -62,7 +66,13 @@ impl<S: BlobSource + 'static> DevicesFs<S> {
         DevicesFs {
             store,
             ttl: Duration::from_secs(24 * 3600),
+            abi: AbiSlot::default(),
         }
+    }
+
+    /// Where [`Filesystem::init`] records what the kernel offered.
+    pub fn abi_slot(&self) -> AbiSlot {
+        self.abi.clone()
     }
 
     fn node(&self, ino: INodeNo) -> Result<Node, Errno> {
@@ -181,6 +191,7 @@ impl<S: BlobSource + 'static> DevicesFs<S> {
 
 impl<S: BlobSource + 'static> Filesystem for DevicesFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = self.abi.set(KernelAbi::of(config));
         let wanted = InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_NO_OPEN_SUPPORT

@@ -10,6 +10,8 @@ use darter_cache::ChunkStore;
 use darter_format::erofs::ondisk::{file_type, mode};
 use darter_format::erofs::{DirEntry, Inode};
 use darter_image::BlobSource;
+
+use crate::takeover::{AbiSlot, KernelAbi};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, InitFlags, IoctlFlags,
     KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
@@ -42,6 +44,8 @@ pub struct DarterFs<S> {
     opts: FsOptions,
     /// nid -> (parent nid, name), learnt from lookups, to name files in logs.
     names: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
+    /// What the kernel offered at FUSE_INIT, for a daemon taking over.
+    abi: AbiSlot,
 }
 
 impl<S> std::fmt::Debug for DarterFs<S> {
@@ -64,7 +68,13 @@ impl<S: BlobSource + 'static> DarterFs<S> {
             root_nid,
             opts,
             names: Mutex::new(HashMap::new()),
+            abi: AbiSlot::default(),
         }
+    }
+
+    /// Where [`Filesystem::init`] records what the kernel offered.
+    pub fn abi_slot(&self) -> AbiSlot {
+        self.abi.clone()
     }
 
     fn nid(&self, ino: INodeNo) -> u64 {
@@ -191,6 +201,7 @@ fn dir_offset(block: u64, next: usize) -> u64 {
 
 impl<S: BlobSource + 'static> Filesystem for DarterFs<S> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = self.abi.set(KernelAbi::of(config));
         let wanted = InitFlags::FUSE_ASYNC_READ
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO

@@ -8,7 +8,9 @@
 //! behind by a dead daemon). For the kernel EROFS path it serves the
 //! devices filesystem (`devices.rs`): the verified bootstrap and each
 //! blob's uncompressed address space as files, which the kernel's EROFS
-//! driver mounts.
+//! driver mounts. `takeover.rs` serves a connection another process
+//! mounted (a restarted daemon): a replayed FUSE_INIT, a relay between the
+//! device and the session, and the kernel's resend of unanswered requests.
 //!
 //! Must not: fetch or verify chunks itself (that is `darter-cache`), write
 //! anything, or answer a read with bytes the store did not verify.
@@ -18,9 +20,11 @@
 mod devices;
 mod fs;
 mod mountpoint;
+mod takeover;
 
 pub use devices::{BOOTSTRAP_FILE, DevicesFs, device_file};
 pub use fs::{DarterFs, FsOptions};
 pub use mountpoint::{
     MountpointError, TopMount, prepare_mountpoint, set_readahead, top_mount, top_mount_in,
 };
+pub use takeover::{AbiSlot, KernelAbi, TakenOver, TakeoverError, resend_unanswered, take_over};

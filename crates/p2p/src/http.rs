@@ -80,6 +80,22 @@ where
     }
 }
 
+/// Serves `render()` at `/metrics` (Prometheus' text format), forever.
+pub async fn serve_metrics<R>(listener: tokio::net::TcpListener, render: R)
+where
+    R: Fn() -> String + Send + Sync + 'static,
+{
+    serve(listener, move |request| {
+        let answer = if request.uri().path() == "/metrics" {
+            Response::new(full(render()))
+        } else {
+            text(404, "not found\n")
+        };
+        std::future::ready(answer)
+    })
+    .await;
+}
+
 /// The byte range a `Range` header asks of a blob of `size` bytes:
 /// `None` without a header (the whole blob), `Err` for a range outside the
 /// blob or one this server does not support (several ranges, other units).

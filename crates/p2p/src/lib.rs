@@ -3,14 +3,17 @@
 //! registry sends it about once.
 //!
 //! It owns the scheduler ([`run_scheduler`]: the gRPC control plane that
-//! knows which peer holds which pieces and picks parents) and the peer
+//! knows which peer holds which pieces and picks parents; its state read
+//! back by [`scheduler_status`]) and the peer
 //! daemon ([`run_peer`]: a registry mirror for containerd, a piece server
 //! for other peers on a separate port, and a size-limited piece store on
 //! disk), plus the peers' Prometheus counters ([`PeerStatus`]).
 //!
 //! It must not: let an unverified byte reach a client (every piece is
 //! checked against the digest recorded from the origin, and the whole blob
-//! against its digest before a response completes), serve pieces to
+//! against its digest before a whole-blob response completes; a `Range`
+//! response cannot be checked against the blob's digest, its client checks
+//! what it reads, as it would reading from the origin), serve pieces to
 //! anyone without the cluster token or by anything but digest, log or
 //! echo a client's credentials or the cluster token, or depend on the
 //! scheduler being up (without it peers fetch from the origin).
@@ -47,6 +50,7 @@ pub use metrics::PeerStatus;
 pub use peer::{PeerConfig, run_peer};
 pub use piece::{BadDigest, BlobDigest, PIECE_SIZE};
 pub use scheduler::{SchedulerPolicy, SchedulerService, SchedulerState};
+pub use scheduler_client::scheduler_status;
 
 /// The header that carries the cluster token, on gRPC and piece requests.
 pub const TOKEN_HEADER: &str = "x-darter-cluster-token";
@@ -98,21 +102,29 @@ pub fn read_token(path: &Path) -> Result<Vec<u8>, P2pError> {
     Ok(token)
 }
 
-/// Runs the scheduler on `listen` until SIGINT or SIGTERM.
+/// Runs the scheduler on `listen` (and its Prometheus metrics at
+/// `http://METRICS/metrics`) until SIGINT or SIGTERM.
 pub fn run_scheduler(
     listen: SocketAddr,
+    metrics: Option<SocketAddr>,
     token: Vec<u8>,
     policy: SchedulerPolicy,
 ) -> Result<(), P2pError> {
     runtime()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| P2pError::Listen {
-                addr: listen,
-                source,
-            })?;
+        let listener = peer::bind(listen).await?;
+        let metrics = match metrics {
+            Some(addr) => Some(peer::bind(addr).await?),
+            None => None,
+        };
+        let service = SchedulerService::new(policy);
+        if let Some(metrics) = metrics {
+            tokio::spawn(http::serve_metrics(metrics, {
+                let service = service.clone();
+                move || service.metrics()
+            }));
+        }
         tracing::info!(%listen, "scheduler listening");
-        serve_scheduler(listener, token, policy, http::stop_signal()).await
+        serve_scheduler(listener, token, service, http::stop_signal()).await
     })
 }
 
@@ -122,11 +134,11 @@ pub fn run_scheduler(
 pub async fn serve_scheduler(
     listener: tokio::net::TcpListener,
     token: Vec<u8>,
-    policy: SchedulerPolicy,
+    service: SchedulerService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), P2pError> {
     let service = proto::scheduler_server::SchedulerServer::with_interceptor(
-        SchedulerService::new(policy),
+        service,
         move |request: tonic::Request<()>| {
             let presented = request
                 .metadata()

@@ -1,5 +1,6 @@
 //! A peer's counters, in Prometheus' text format at `/metrics`, and
-//! [`PeerStatus`], what `darter peer status` reads back from there.
+//! [`PeerStatus`], what `darter peer status` reads back from there; the
+//! scheduler's gauges and counters, rendered from its status.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,6 +75,100 @@ impl Counters {
         }
         out
     }
+}
+
+/// Appends one metric (`darter_scheduler_NAME`) to a Prometheus page.
+fn push_metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let name = format!("darter_scheduler_{name}");
+    out.push_str(&format!(
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+    ));
+}
+
+/// The scheduler's Prometheus page, from its status.
+pub fn render_scheduler(status: &crate::proto::StatusResponse) -> String {
+    let count = |n: usize| n as u64;
+    let sum = |f: fn(&crate::proto::TaskView) -> u32| {
+        status.tasks.iter().map(|t| u64::from(f(t))).sum::<u64>()
+    };
+    let mut out = String::new();
+    for (name, kind, help, value) in [
+        (
+            "peers",
+            "gauge",
+            "Registered peers.",
+            count(status.peers.len()),
+        ),
+        (
+            "seed_peers",
+            "gauge",
+            "Registered seed peers.",
+            count(status.peers.iter().filter(|p| p.seed).count()),
+        ),
+        (
+            "blocked_peers",
+            "gauge",
+            "Peers reported by enough peers that no one is sent to them.",
+            count(status.peers.iter().filter(|p| p.blocked).count()),
+        ),
+        (
+            "reported_peers",
+            "gauge",
+            "Peers with bad-piece reports that still count.",
+            count(status.peers.iter().filter(|p| p.reporters > 0).count()),
+        ),
+        (
+            "tasks",
+            "gauge",
+            "Tasks (blobs) known.",
+            count(status.tasks.len()),
+        ),
+        (
+            "origin_fetchers",
+            "gauge",
+            "Peers fetching a task from the origin, summed over tasks.",
+            sum(|t| t.origin_fetchers),
+        ),
+        (
+            "verified_holders",
+            "gauge",
+            "Peers holding a whole verified task, summed over tasks.",
+            sum(|t| t.verified),
+        ),
+        (
+            "schedule_parents_total",
+            "counter",
+            "Schedule answers naming parents.",
+            status.decisions_parents,
+        ),
+        (
+            "schedule_origin_total",
+            "counter",
+            "Schedule answers sending the requester to the origin.",
+            status.decisions_origin,
+        ),
+        (
+            "schedule_wait_total",
+            "counter",
+            "Schedule answers telling the requester to wait.",
+            status.decisions_wait,
+        ),
+        (
+            "schedule_seed_total",
+            "counter",
+            "Schedule answers sending a seed to the origin.",
+            status.decisions_seed,
+        ),
+        (
+            "bad_peer_reports_total",
+            "counter",
+            "Bad-piece reports received.",
+            status.bad_peer_reports,
+        ),
+    ] {
+        push_metric(&mut out, name, kind, help, value);
+    }
+    out
 }
 
 /// A peer's counters as `darter peer status` shows them.

@@ -3,8 +3,12 @@
 //! passed to the upstream registry with the client's credentials. Before a
 //! blob is served, the upstream registry is asked (`HEAD`, with the
 //! client's credentials) whether this client may read it, and how big it
-//! is. Bytes go out only after their piece is verified, and the last ones
-//! only after the whole blob is: a failure aborts the response.
+//! is. Bytes go out only after their piece is verified, and in a
+//! whole-blob response the last ones only after the whole blob is: a
+//! failure aborts the response. A `Range` response is sent as soon as the
+//! pieces it covers are here (they are fetched first): its client cannot
+//! check the blob's digest on a part of it and checks what it reads itself
+//! (a Darter mount verifies every chunk against the chunk table).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -106,7 +110,15 @@ async fn serve_blob(
         None => (StatusCode::OK, 0..size),
     };
     let (sender, body) = channel_body();
-    tokio::spawn(stream_blob(peer.clone(), task, bytes.clone(), sender));
+    let whole = range.is_none();
+    task.want(task.layout.pieces_of(&bytes));
+    tokio::spawn(stream_blob(
+        peer.clone(),
+        task,
+        bytes.clone(),
+        whole,
+        sender,
+    ));
     let mut response = Response::new(body);
     *response.status_mut() = status;
     insert(
@@ -156,16 +168,18 @@ async fn upstream_size(peer: &Peer, origin: &crate::task::Origin) -> Result<u64,
         .ok_or_else(|| "no Content-Length".to_owned())
 }
 
-/// Sends `bytes` of the task as its pieces arrive, each verified; holds
-/// the last bytes back until the whole blob is verified. Any failure ends
-/// the body with an error, which aborts the response.
+/// Sends `bytes` of the task as its pieces arrive, each verified; for the
+/// `whole` blob, holds the last bytes back until the whole blob is
+/// verified. Any failure ends the body with an error, which aborts the
+/// response.
 async fn stream_blob(
     peer: Arc<Peer>,
     task: Arc<Task>,
     bytes: Range<u64>,
+    whole: bool,
     sender: tokio::sync::mpsc::Sender<Result<Bytes, BodyError>>,
 ) {
-    let result = send_pieces(&peer, &task, &bytes, &sender).await;
+    let result = send_pieces(&peer, &task, &bytes, whole, &sender).await;
     if let Err(error) = result {
         warn!(task = %task.digest, %error, "aborting a blob response");
         let _ = sender.send(Err(error.into())).await;
@@ -176,11 +190,12 @@ async fn send_pieces(
     peer: &Peer,
     task: &Task,
     bytes: &Range<u64>,
+    whole: bool,
     sender: &tokio::sync::mpsc::Sender<Result<Bytes, BodyError>>,
 ) -> Result<(), String> {
     let pieces = task.layout.pieces_of(bytes);
-    let last_piece = pieces.end.checked_sub(1);
-    if last_piece.is_none() {
+    let last_piece = pieces.end.checked_sub(1).filter(|_| whole);
+    if whole && last_piece.is_none() {
         // Nothing to send but the verdict on the whole blob.
         task.wait_for(|s| s.outcome == Outcome::Verified).await?;
     }

@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU32;
 use tracing::info;
 
 use crate::P2pError;
-use crate::http::{full, serve, text};
+use crate::http::serve;
 use crate::piece_server::PieceServer;
 use crate::scheduler_client::{Identity, SchedulerLink};
 use crate::store::PieceStore;
@@ -46,7 +46,7 @@ pub struct PeerConfig {
     pub labels: HashMap<String, String>,
 }
 
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, P2pError> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, P2pError> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| P2pError::Listen { addr, source })
@@ -111,13 +111,8 @@ pub fn run_peer(config: &PeerConfig) -> Result<(), P2pError> {
         }));
         if let Some(metrics) = metrics {
             let counters = peer.counters.clone();
-            tokio::spawn(serve(metrics, move |request| {
-                let answer = if request.uri().path() == "/metrics" {
-                    hyper::Response::new(full(counters.render()))
-                } else {
-                    text(404, "not found\n")
-                };
-                std::future::ready(answer)
+            tokio::spawn(crate::http::serve_metrics(metrics, move || {
+                counters.render()
             }));
         }
         info!(

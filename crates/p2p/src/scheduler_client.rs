@@ -18,6 +18,7 @@ use crate::piece::{Bitmap, BlobDigest, PieceLayout};
 use crate::proto::scheduler_client::SchedulerClient;
 use crate::proto::{
     BadPeerRequest, RegisterRequest, ReportRequest, ScheduleRequest, ScheduleResponse,
+    StatusRequest, StatusResponse,
 };
 use crate::store::{PieceStore, TaskMeta};
 
@@ -48,6 +49,42 @@ impl Interceptor for TokenInterceptor {
     }
 }
 
+type Client = SchedulerClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// A client of the scheduler at `addr` (`host:port`) presenting `token`;
+/// connects lazily and reconnects.
+fn client(addr: &str, token: &[u8]) -> Result<Client, P2pError> {
+    let url = format!("http://{addr}");
+    let channel = Endpoint::from_shared(url.clone())
+        .map_err(|e| P2pError::Url {
+            url,
+            reason: e.to_string(),
+        })?
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect_lazy();
+    let token = AsciiMetadataValue::try_from(token)
+        .map_err(|_| P2pError::HttpClient("the cluster token is not printable ASCII".into()))?;
+    Ok(SchedulerClient::with_interceptor(
+        channel,
+        TokenInterceptor(token),
+    ))
+}
+
+/// What the scheduler at `addr` knows (`darter scheduler status`).
+pub fn scheduler_status(addr: &str, token: &[u8]) -> Result<StatusResponse, P2pError> {
+    crate::runtime()?.block_on(async {
+        let answer = client(addr, token)?
+            .status(StatusRequest {})
+            .await
+            .map_err(|status| P2pError::Status {
+                url: format!("http://{addr}"),
+                reason: status.message().to_owned(),
+            })?;
+        Ok(answer.into_inner())
+    })
+}
+
 /// Who this peer is, as the scheduler sees it.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -61,27 +98,15 @@ pub struct Identity {
 /// The control channel to the scheduler.
 #[derive(Debug, Clone)]
 pub struct SchedulerLink {
-    client: SchedulerClient<InterceptedService<Channel, TokenInterceptor>>,
+    client: Client,
     identity: Arc<Identity>,
 }
 
 impl SchedulerLink {
     /// A link to `addr` (`host:port`); connects lazily and reconnects.
     pub fn new(addr: &str, token: &[u8], identity: Identity) -> Result<SchedulerLink, P2pError> {
-        let url = format!("http://{addr}");
-        let bad_url = |reason: String| P2pError::Url {
-            url: url.clone(),
-            reason,
-        };
-        let channel = Endpoint::from_shared(url.clone())
-            .map_err(|e| bad_url(e.to_string()))?
-            .connect_timeout(CALL_TIMEOUT)
-            .timeout(CALL_TIMEOUT)
-            .connect_lazy();
-        let token = AsciiMetadataValue::try_from(token)
-            .map_err(|_| P2pError::HttpClient("the cluster token is not printable ASCII".into()))?;
         Ok(SchedulerLink {
-            client: SchedulerClient::with_interceptor(channel, TokenInterceptor(token)),
+            client: client(addr, token)?,
             identity: Arc::new(identity),
         })
     }

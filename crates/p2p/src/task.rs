@@ -25,12 +25,18 @@ use crate::store::{PieceStore, Pinned, StoreError, TaskMeta};
 const PARALLEL_PIECES: usize = 4;
 /// How long one piece request to a parent may take.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A parent that sends nothing for this long in the middle of a piece (it
+/// died, or its link did) is given up for that piece.
+const PIECE_STALL: Duration = Duration::from_secs(3);
 /// Without progress from peers for this long, a peer goes to the origin.
 const PEER_PATIENCE: Duration = Duration::from_secs(10);
 /// How long to wait before asking the scheduler again after `WAIT`.
 const WAIT_INTERVAL: Duration = Duration::from_millis(100);
 /// Attempts at the origin before a task fails.
 const ORIGIN_ATTEMPTS: usize = 3;
+/// Most pieces one origin request asks for: between requests, pieces a
+/// client waits for (a `Range` GET) go first.
+const ORIGIN_BATCH: usize = 4;
 
 /// Where the blob is in the origin registry, and the credentials of the
 /// client that asked for it.
@@ -109,10 +115,37 @@ pub struct Task {
     pub digest: BlobDigest,
     pub layout: PieceLayout,
     pub state: watch::Sender<TaskState>,
+    /// Pieces clients wait for: fetched before the others.
+    wanted: Mutex<Bitmap>,
     _pinned: Pinned,
 }
 
 impl Task {
+    fn new(digest: BlobDigest, layout: PieceLayout, state: TaskState, pinned: Pinned) -> Task {
+        let (state, _) = watch::channel(state);
+        Task {
+            digest,
+            layout,
+            state,
+            wanted: Mutex::new(Bitmap::new(layout.count())),
+            _pinned: pinned,
+        }
+    }
+
+    /// Asks for `pieces` to be fetched before the others.
+    pub fn want(&self, pieces: Range<usize>) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        pieces.for_each(|i| wanted.set(i));
+    }
+
+    /// Whether a client waits for piece `index`.
+    fn is_wanted(&self, index: usize) -> bool {
+        self.wanted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(index)
+    }
+
     fn update(&self, f: impl FnOnce(&mut TaskState)) {
         self.state.send_modify(f);
     }
@@ -213,17 +246,12 @@ impl Peer {
             piece_size: meta.piece_size,
         };
         let digests = meta.piece_digests.iter().map(|d| d.parse().ok()).collect();
-        let (state, _) = watch::channel(TaskState {
+        let state = TaskState {
             have: Bitmap::full(layout.count()),
             digests,
             outcome: Outcome::Verified,
-        });
-        Some(Arc::new(Task {
-            digest: *digest,
-            layout,
-            state,
-            _pinned: pinned,
-        }))
+        };
+        Some(Arc::new(Task::new(*digest, layout, state, pinned)))
     }
 
     /// The task for `digest`, starting its fetch unless it is running or
@@ -240,17 +268,12 @@ impl Peer {
         }
         let pinned = self.store.create(digest, size)?;
         let layout = PieceLayout::new(size);
-        let (state, _) = watch::channel(TaskState {
+        let state = TaskState {
             have: Bitmap::new(layout.count()),
             digests: vec![None; layout.count()],
             outcome: Outcome::Running,
-        });
-        let task = Arc::new(Task {
-            digest: *digest,
-            layout,
-            state,
-            _pinned: pinned,
-        });
+        };
+        let task = Arc::new(Task::new(*digest, layout, state, pinned));
         running.insert(*digest, task.clone());
         tokio::spawn(self.clone().drive(task.clone(), origin));
         tokio::spawn(self.clone().report_progress(task.clone()));
@@ -426,6 +449,9 @@ impl Peer {
                 })
                 .collect()
         };
+        let (mut wanted, rest): (Vec<_>, Vec<_>) =
+            wanted.into_iter().partition(|(i, _, _)| task.is_wanted(*i));
+        wanted.extend(rest);
         let bad = Mutex::new(std::mem::take(bad_parents));
         let mut wanted = wanted.into_iter();
         let mut in_flight = futures_util::stream::FuturesUnordered::new();
@@ -467,7 +493,7 @@ impl Peer {
                 continue;
             }
             let url = format!("http://{addr}/pieces/{}/{index}", task.digest);
-            let bytes = match self.get_piece(&url).await {
+            let bytes = match self.get_piece(&url, range.end - range.start).await {
                 Ok(bytes) => bytes,
                 Err(error) => {
                     debug!(%url, %error, "parent could not serve a piece");
@@ -486,11 +512,12 @@ impl Peer {
                     .await;
                 continue;
             }
-            if let Err(error) = self.store_piece(task, index, bytes.to_vec()).await {
+            let len = bytes.len() as u64;
+            if let Err(error) = self.store_piece(task, index, bytes).await {
                 warn!(task = %task.digest, %error, "cannot store a piece");
                 return false;
             }
-            Counters::add(&self.counters.bytes_from_peers, bytes.len() as u64);
+            Counters::add(&self.counters.bytes_from_peers, len);
             task.update(|s| {
                 s.have.set(index);
                 s.digests[index] = Some(expected);
@@ -527,19 +554,43 @@ impl Peer {
         }
     }
 
-    async fn get_piece(&self, url: &str) -> Result<bytes::Bytes, String> {
-        let response = self
-            .http
-            .get(url)
-            .header(crate::TOKEN_HEADER, self.token.clone())
-            .timeout(PIECE_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
+    /// A piece of `len` bytes from a parent; fails if the parent stalls
+    /// for [`PIECE_STALL`] or sends more than `len` bytes.
+    async fn get_piece(&self, url: &str, len: u64) -> Result<Vec<u8>, String> {
+        let response = tokio::time::timeout(
+            PIECE_STALL,
+            self.http
+                .get(url)
+                .header(crate::TOKEN_HEADER, self.token.clone())
+                .timeout(PIECE_TIMEOUT)
+                .send(),
+        )
+        .await
+        .map_err(|_| format!("no answer for {PIECE_STALL:?}"))?
+        .map_err(|e| e.to_string())?;
         if response.status() != reqwest::StatusCode::OK {
             return Err(format!("status {}", response.status()));
         }
-        response.bytes().await.map_err(|e| e.to_string())
+        let mut body = response.bytes_stream();
+        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        loop {
+            let chunk = tokio::time::timeout(PIECE_STALL, body.next())
+                .await
+                .map_err(|_| {
+                    format!(
+                        "stalled for {PIECE_STALL:?} after {} of {len} bytes",
+                        bytes.len()
+                    )
+                })?;
+            match chunk {
+                None => return Ok(bytes),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(chunk)) if bytes.len() as u64 + chunk.len() as u64 > len => {
+                    return Err(format!("more than the piece's {len} bytes"));
+                }
+                Some(Ok(chunk)) => bytes.extend_from_slice(&chunk),
+            }
+        }
     }
 
     async fn store_piece(
@@ -556,14 +607,22 @@ impl Peer {
             .unwrap_or_else(|e| Err(join_error(&e)))
     }
 
-    /// Fetches every missing run of pieces from the origin, one range
-    /// request per run, recording each piece's digest.
+    /// Fetches every missing piece from the origin, a batch of
+    /// consecutive pieces per range request, pieces clients wait for
+    /// first, recording each piece's digest.
     async fn fetch_from_origin(&self, task: &Task, origin: &Origin) -> Result<(), TaskError> {
-        let runs = missing_runs(&task.state.borrow().have);
-        for pieces in runs {
+        loop {
+            let have = task.state.borrow().have.clone();
+            let wanted = task
+                .wanted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let Some(pieces) = next_origin_batch(&have, &wanted) else {
+                return Ok(());
+            };
             self.fetch_run_from_origin(task, origin, pieces).await?;
         }
-        Ok(())
     }
 
     async fn fetch_run_from_origin(
@@ -736,6 +795,20 @@ fn missing_runs(have: &Bitmap) -> Vec<Range<usize>> {
     runs
 }
 
+/// The next run of missing pieces to ask the origin for: at most
+/// [`ORIGIN_BATCH`] pieces, starting at the first wanted missing piece if
+/// any, else at the first missing piece.
+fn next_origin_batch(have: &Bitmap, wanted: &Bitmap) -> Option<Range<usize>> {
+    let runs = missing_runs(have);
+    let start = runs
+        .iter()
+        .flat_map(Clone::clone)
+        .find(|i| wanted.get(*i))
+        .or_else(|| runs.first().map(|run| run.start))?;
+    let run = runs.iter().find(|run| run.contains(&start))?;
+    Some(start..run.end.min(start + ORIGIN_BATCH))
+}
+
 fn join_error(e: &tokio::task::JoinError) -> StoreError {
     StoreError::Io {
         path: "<blocking task>".into(),
@@ -756,6 +829,25 @@ mod tests {
         assert_eq!(missing_runs(&have), vec![1..3, 5..7]);
         assert_eq!(missing_runs(&Bitmap::new(3)), vec![0..3]);
         assert!(missing_runs(&Bitmap::full(3)).is_empty());
+    }
+
+    #[test]
+    fn origin_batches_start_at_wanted_pieces_and_stay_short() {
+        let mut have = Bitmap::new(12);
+        for i in [0, 1, 9] {
+            have.set(i);
+        }
+        let nothing = Bitmap::new(12);
+        assert_eq!(next_origin_batch(&have, &nothing), Some(2..6));
+        let mut wanted = Bitmap::new(12);
+        wanted.set(8);
+        wanted.set(1);
+        assert_eq!(next_origin_batch(&have, &wanted), Some(8..9));
+        wanted.set(10);
+        assert_eq!(next_origin_batch(&have, &wanted), Some(8..9));
+        have.set(8);
+        assert_eq!(next_origin_batch(&have, &wanted), Some(10..12));
+        assert_eq!(next_origin_batch(&Bitmap::full(12), &wanted), None);
     }
 
     #[test]

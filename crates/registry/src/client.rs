@@ -189,14 +189,47 @@ impl Client {
             .map_err(|e| Failure::at(&base, ErrorKind::InvalidRequest(e.to_string())))
     }
 
+    /// `url` of `registry` at its configured mirror, if it has one.
+    fn at_mirror(&self, registry: &str, url: &Url) -> Result<Option<Url>, Failure> {
+        let Some(mirror) = self.config().mirrors.get(registry) else {
+            return Ok(None);
+        };
+        let bad_mirror = |reason: String| {
+            Failure::without_url(ErrorKind::InvalidRequest(format!(
+                "bad mirror URL {mirror:?} for {registry}: {reason}"
+            )))
+        };
+        let base = Url::parse(mirror).map_err(|e| bad_mirror(e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.host().is_none() {
+            return Err(bad_mirror("not an http(s) URL with a host".into()));
+        }
+        let mut rebased = url.clone();
+        rebased
+            .set_scheme(base.scheme())
+            .and_then(|()| rebased.set_host(base.host_str()).map_err(drop))
+            .and_then(|()| rebased.set_port(base.port()))
+            .map_err(|()| bad_mirror("cannot rebase a URL on it".into()))?;
+        Ok(Some(rebased))
+    }
+
     /// Sends `request`, answering one 401 with fresh authorization and
     /// following redirects for GET/HEAD. `Authorization` only ever goes to
-    /// the registry's own origin (scheme, host, port), never to object
-    /// stores or upload hosts elsewhere.
+    /// the registry's own origin (scheme, host, port), or for reads to its
+    /// configured mirror, which passes it on; never to object stores or
+    /// upload hosts elsewhere.
     pub(crate) async fn execute(&self, request: &Request<'_>) -> Result<Response, Failure> {
-        let origin = self.registry_base(request.registry)?.origin();
+        let mut origin = self.registry_base(request.registry)?.origin();
         let follows_redirects = request.method == Method::GET || request.method == Method::HEAD;
         let mut url = request.url.clone();
+        let mut at_mirror = false;
+        if follows_redirects
+            && url.origin() == origin
+            && let Some(mirrored) = self.at_mirror(request.registry, &url)?
+        {
+            origin = mirrored.origin();
+            url = mirrored;
+            at_mirror = true;
+        }
         let mut auth_retried = false;
         let mut redirects = 0;
         loop {
@@ -212,7 +245,21 @@ impl Client {
             };
             // Outside a retry loop no deadline can cut the request short.
             let _ = URL_IN_FLIGHT.try_with(|u| u.replace(Some(redact_url(&url))));
-            let response = self.send_once(request, &url, auth.as_ref()).await?;
+            let response = match self.send_once(request, &url, auth.as_ref()).await {
+                Ok(response) => response,
+                // A mirror that cannot be reached (a local P2P peer that is
+                // down) must not fail the read: the registry still serves it.
+                Err(SendFailure::Connect(failure)) if at_mirror => {
+                    warn!(mirror = %redact_url(&url), error = %failure.kind, "the mirror cannot be reached; reading from the registry");
+                    at_mirror = false;
+                    url = request.url.clone();
+                    origin = self.registry_base(request.registry)?.origin();
+                    continue;
+                }
+                Err(SendFailure::Connect(failure) | SendFailure::Other(failure)) => {
+                    return Err(failure);
+                }
+            };
             let status = response.status();
             debug!(method = %request.method, url = %redact_url(&url), status = status.as_u16(), "registry request");
             if status == StatusCode::UNAUTHORIZED && same_origin && !auth_retried {
@@ -246,7 +293,7 @@ impl Client {
         request: &Request<'_>,
         url: &Url,
         auth: Option<&Authorization>,
-    ) -> Result<Response, Failure> {
+    ) -> Result<Response, SendFailure> {
         let mut builder = self
             .inner
             .http
@@ -255,13 +302,23 @@ impl Client {
         if let Some(auth) = auth {
             builder = builder.header(AUTHORIZATION, auth.header.clone());
         }
-        if let Some(body) = request.body.to_reqwest().await? {
+        if let Some(body) = request
+            .body
+            .to_reqwest()
+            .await
+            .map_err(SendFailure::Other)?
+        {
             builder = builder.body(body);
         }
-        builder
-            .send()
-            .await
-            .map_err(|e| Failure::at(url, ErrorKind::transport("request failed", e)))
+        builder.send().await.map_err(|e| {
+            let connect = e.is_connect();
+            let failure = Failure::at(url, ErrorKind::transport("request failed", e));
+            if connect {
+                SendFailure::Connect(failure)
+            } else {
+                SendFailure::Other(failure)
+            }
+        })
     }
 
     /// Runs `attempt` until it succeeds, fails for good, runs out of
@@ -512,6 +569,14 @@ pub(crate) async fn expect_status(
     } else {
         Err(status_failure(response).await)
     }
+}
+
+/// Why one HTTP exchange failed: no connection could be made (the server
+/// is down or unreachable), or anything else.
+#[derive(Debug)]
+enum SendFailure {
+    Connect(Failure),
+    Other(Failure),
 }
 
 #[cfg(test)]

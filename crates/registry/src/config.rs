@@ -1,7 +1,7 @@
 //! [`ClientConfig`]: transport, retry and credential settings of a
 //! [`Client`](crate::Client).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::credentials::CredentialSource;
@@ -56,6 +56,11 @@ pub struct ClientConfig {
     /// Registries (`host[:port]`) spoken to over plain HTTP instead of HTTPS
     /// (the CLI's `--plain-http`).
     pub plain_http: BTreeSet<String>,
+    /// Registries (`host[:port]`) whose reads (GET and HEAD) go to a
+    /// pull-through mirror at this base URL (`http://HOST:PORT`), e.g. a
+    /// Darter P2P peer, with the registry's credentials; writes still go to
+    /// the registry.
+    pub mirrors: BTreeMap<String, String>,
     /// `User-Agent` header.
     pub user_agent: String,
     /// Time allowed to establish a connection.
@@ -79,6 +84,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             plain_http: BTreeSet::new(),
+            mirrors: BTreeMap::new(),
             user_agent: concat!("darter/", env!("CARGO_PKG_VERSION")).to_owned(),
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
@@ -94,6 +100,16 @@ impl ClientConfig {
     /// Adds `registry` to the plain-HTTP set.
     pub fn with_plain_http(mut self, registry: impl Into<String>) -> ClientConfig {
         self.plain_http.insert(registry.into());
+        self
+    }
+
+    /// Sends reads of `registry` to the mirror at `base_url`.
+    pub fn with_mirror(
+        mut self,
+        registry: impl Into<String>,
+        base_url: impl Into<String>,
+    ) -> ClientConfig {
+        self.mirrors.insert(registry.into(), base_url.into());
         self
     }
 

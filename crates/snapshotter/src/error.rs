@@ -130,6 +130,12 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve metrics at {address}: {source}")]
+    Metrics {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("serving {}: {source}", path.display())]
     Transport {
         path: PathBuf,

@@ -15,6 +15,10 @@
 //! lazy mount that a [`LazyMounts`] implementation (the `darter` binary)
 //! makes and undoes at the snapshot's `fs` directory.
 //!
+//! It counts every image it (or a client, `darter pull`) unpacks in full
+//! instead of serving it lazily, and serves the node's lazy mounts and those
+//! counts (`status.rs`: JSON for `darter status`, Prometheus metrics).
+//!
 //! It must not mount anything itself (containerd performs the mounts it
 //! returns, `LazyMounts` the lazy ones), touch files outside its root, or
 //! trust its database blindly: a damaged record is an error naming its
@@ -29,14 +33,20 @@ mod mounts;
 mod remote;
 mod server;
 mod snapshotter;
+mod status;
 mod store;
 
 pub use containerd_snapshots::{api, tonic};
 pub use error::{Error, ServeError};
 pub use layout::is_mount_point;
 pub use remote::{
-    LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_TARGET, LazyError, LazyMounts, chain_ids,
+    ImageLayers, LABEL_CRI_IMAGE_REF, LABEL_IMAGE_REF, LABEL_TARGET, LazyError, LazyMounts,
+    MountStats, chain_ids,
 };
 pub use server::{connect, run, run_with, serve};
 pub use snapshotter::{OverlaySnapshotter, Snapshots};
+pub use status::{
+    FallbackReason, LABEL_FALLBACK, LazyMountStatus, NodeStatus, StatusError, query_status,
+    status_socket,
+};
 pub use store::{Kind, Labels, Layer, Record, Snapshot, Usage};

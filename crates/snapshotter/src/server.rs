@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -18,6 +19,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::error::ServeError;
 use crate::remote::LazyMounts;
 use crate::snapshotter::OverlaySnapshotter;
+use crate::status;
 
 /// Mode of the socket: only root may drive the snapshotter.
 const SOCKET_MODE: u32 = 0o600;
@@ -25,12 +27,16 @@ const SOCKET_MODE: u32 = 0o600;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves `snapshotter` at `socket` until `shutdown` completes, then lets
-/// requests in flight finish (for a while) and removes the socket.
+/// requests in flight finish (for a while) and removes the socket. Its
+/// status is served on the status socket under its root and, given
+/// `metrics`, as Prometheus metrics on that TCP address.
 pub async fn serve(
     snapshotter: OverlaySnapshotter,
     socket: &Path,
+    metrics: Option<SocketAddr>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let _status = StatusServers::start(&snapshotter, metrics).await?;
     let listener = bind(socket)?;
     let _socket_file = SocketFile(socket.to_path_buf());
     tracing::info!(socket = %socket.display(), root = %snapshotter.snapshots().root().display(), "serving containerd's snapshots API");
@@ -67,14 +73,16 @@ pub async fn serve(
 /// or SIGTERM, on a runtime of its own: the whole life of `darter
 /// snapshotter`.
 pub fn run(root: &Path, socket: &Path) -> Result<(), ServeError> {
-    run_with(root, socket, None)
+    run_with(root, socket, None, None)
 }
 
-/// [`run`], serving Darter images lazily through `lazy`.
+/// [`run`], serving Darter images lazily through `lazy`, and Prometheus
+/// metrics on `metrics` if given.
 pub fn run_with(
     root: &Path,
     socket: &Path,
     lazy: Option<Arc<dyn LazyMounts>>,
+    metrics: Option<SocketAddr>,
 ) -> Result<(), ServeError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -95,8 +103,52 @@ pub fn run_with(
             tokio::task::spawn_blocking(move || OverlaySnapshotter::open_with(&root, lazy))
                 .await
                 .map_err(|err| crate::Error::Task(err.to_string()))??;
-        serve(snapshotter, socket, signals).await
+        serve(snapshotter, socket, metrics, signals).await
     })
+}
+
+/// The status servers of a snapshotter: its status socket and, maybe, its
+/// metrics port. Stopped and the socket removed on drop.
+struct StatusServers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    _socket_file: SocketFile,
+}
+
+impl StatusServers {
+    async fn start(
+        snapshotter: &OverlaySnapshotter,
+        metrics: Option<SocketAddr>,
+    ) -> Result<StatusServers, ServeError> {
+        let socket = status::status_socket(snapshotter.snapshots().root());
+        let listener = bind(&socket)?;
+        let socket_file = SocketFile(socket);
+        let mut tasks = vec![tokio::spawn(status::serve_status(
+            listener,
+            snapshotter.shared(),
+        ))];
+        if let Some(address) = metrics {
+            let tcp = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::Metrics { address, source })?;
+            tracing::info!(%address, "serving Prometheus metrics at /metrics");
+            tasks.push(tokio::spawn(status::serve_status(
+                tcp,
+                snapshotter.shared(),
+            )));
+        }
+        Ok(StatusServers {
+            tasks,
+            _socket_file: socket_file,
+        })
+    }
+}
+
+impl Drop for StatusServers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// Completes on the first SIGINT or SIGTERM.

@@ -13,11 +13,14 @@ use crate::error::Error;
 use crate::filter::Filters;
 use crate::layout::{self, Layout};
 use crate::mounts::{self, MountSpec};
-use crate::remote::{self, LazyMounts};
+use crate::remote::{self, ImageLayers, LayersCache, LazyMounts};
+use crate::status::{self, FallbackReason, Fallbacks, LazyMountStatus, NodeStatus};
 use crate::store::{self, Kind, Labels, Layer, NewSnapshot, Snapshot, Store, Usage};
 
 /// Longest key plus value of one label, as containerd's `labels.Validate`.
 const MAX_LABEL_BYTES: usize = 4096;
+/// Images whose layers are remembered (a Prepare per layer reads them).
+const LAYERS_CACHE_IMAGES: usize = 64;
 
 /// An overlayfs snapshotter over one root directory.
 #[derive(Debug)]
@@ -30,6 +33,10 @@ pub struct Snapshots {
     /// Held while a remote layer is being committed and mounted, so that a
     /// concurrent Prepare of the same layer answers only once it serves.
     remote_lock: Mutex<()>,
+    /// The manifests' and configs' say on layers, by pinned reference.
+    layers: LayersCache,
+    /// Images unpacked in full instead of mounted lazily.
+    fallbacks: Fallbacks,
 }
 
 impl Snapshots {
@@ -55,6 +62,8 @@ impl Snapshots {
             overlay_options: mounts::overlay_options(),
             lazy,
             remote_lock: Mutex::new(()),
+            layers: LayersCache::new(LAYERS_CACHE_IMAGES),
+            fallbacks: Fallbacks::default(),
         };
         if let Err(err) = snapshots
             .layout
@@ -110,10 +119,15 @@ impl Snapshots {
     ) -> Result<Vec<Mount>, Error> {
         require_name("key", key)?;
         validate_labels(&labels)?;
+        // What containerd sent decides remote snapshots: worth seeing.
+        tracing::debug!(key, parent, ?labels, "prepare");
         let parent = (!parent.is_empty()).then_some(parent);
+        if let Some(reason) = labels.get(status::LABEL_FALLBACK) {
+            self.count_reported_fallback(key, reason, &labels);
+        }
         if kind == Kind::Active
             && let Some((target, image)) = remote::remote_request(&labels)
-            && self.commit_remote(target, image, parent, &labels)?
+            && self.commit_remote(target, &image, parent, &labels)?
         {
             return Err(Error::AlreadyExists {
                 key: target.to_owned(),
@@ -169,26 +183,9 @@ impl Snapshots {
         {
             return Ok(true);
         }
-        // An image it cannot read may well be a plain one whose registry
-        // only the caller can reach: containerd unpacks it, as remote
-        // snapshotters do when they cannot help.
-        let diff_ids = match lazy.darter_diff_ids(image) {
-            Ok(Some(diff_ids)) => diff_ids,
-            Ok(None) => {
-                tracing::info!(image, "not a Darter image: its layers are unpacked");
-                return Ok(false);
-            }
-            Err(err) => {
-                tracing::warn!(image, %err, "cannot read the image: its layers are unpacked");
-                return Ok(false);
-            }
-        };
-        let chain = remote::chain_ids(&diff_ids);
-        let Some(position) = chain.iter().position(|id| id == target) else {
-            tracing::info!(image, target, "not a layer of this Darter image: unpacked");
+        let Some(is_top) = self.remote_position(target, image, lazy.as_ref()) else {
             return Ok(false);
         };
-        let is_top = position + 1 == chain.len();
         let staged = self.layout.stage(Kind::View, None)?;
         let new = NewSnapshot {
             key: target,
@@ -234,6 +231,104 @@ impl Snapshots {
             "committed a remote layer"
         );
         Ok(true)
+    }
+
+    /// Whether `target` is the top layer of the Darter image `image` (the
+    /// lazy mount), or `None` (counted and logged as a fallback) if its
+    /// layers are to be unpacked.
+    fn remote_position(&self, target: &str, image: &str, lazy: &dyn LazyMounts) -> Option<bool> {
+        // An image it cannot read may well be a plain one whose registry
+        // only the caller can reach: containerd unpacks it, as remote
+        // snapshotters do when they cannot help. Its top layer is unknown,
+        // so each of its layers counts.
+        let layers: ImageLayers = match self.layers.get(lazy, image) {
+            Ok(layers) => layers,
+            Err(err) => {
+                self.fallback(
+                    FallbackReason::RegistryError,
+                    image,
+                    target,
+                    &err.to_string(),
+                );
+                return None;
+            }
+        };
+        let chain = remote::chain_ids(&layers.diff_ids);
+        let position = chain.iter().position(|id| id == target);
+        match (layers.is_darter, position) {
+            (true, Some(position)) => Some(position + 1 == chain.len()),
+            (true, None) => {
+                self.fallback(FallbackReason::NotALayer, image, target, "");
+                None
+            }
+            // A plain image counts once: at its top layer.
+            (false, Some(position)) if position + 1 == chain.len() => {
+                self.fallback(FallbackReason::NotDarter, image, target, "");
+                None
+            }
+            (false, _) => None,
+        }
+    }
+
+    /// Counts and logs a fallback the snapshotter itself decided on.
+    fn fallback(&self, reason: FallbackReason, image: &str, target: &str, err: &str) {
+        self.fallbacks.count(reason);
+        tracing::warn!(
+            image,
+            target,
+            reason = reason.name(),
+            err,
+            "not served lazily: its layers are unpacked in full"
+        );
+    }
+
+    /// Counts a fallback a client reports with [`status::LABEL_FALLBACK`].
+    fn count_reported_fallback(&self, key: &str, reason: &str, labels: &Labels) {
+        let image = labels
+            .get(remote::LABEL_IMAGE_REF)
+            .map_or("(not named)", String::as_str);
+        match FallbackReason::from_name(reason) {
+            Some(known) => {
+                self.fallbacks.count(known);
+                tracing::warn!(
+                    image,
+                    key,
+                    reason,
+                    "the client pulls this image in full: not served lazily"
+                );
+            }
+            None => tracing::warn!(
+                image,
+                key,
+                reason,
+                "a fallback of an unknown reason: not counted"
+            ),
+        }
+    }
+
+    /// The lazy mounts and the fallbacks counted since start.
+    pub fn status(&self) -> Result<NodeStatus, Error> {
+        let lazy_mounts = self
+            .store
+            .list()?
+            .into_iter()
+            .filter_map(|snapshot| match snapshot.record.layer {
+                Layer::Remote { image, mountpoint } => Some(LazyMountStatus {
+                    daemon: self
+                        .lazy
+                        .as_ref()
+                        .and_then(|lazy| lazy.mount_stats(&mountpoint)),
+                    snapshot: snapshot.key,
+                    image,
+                    mountpoint,
+                }),
+                Layer::Directory => None,
+            })
+            .collect();
+        Ok(NodeStatus {
+            lazy_mounts,
+            fallbacks: self.fallbacks.by_name(),
+        })
     }
 
     /// The mounts of the active snapshot or view `key`.
@@ -461,6 +556,10 @@ impl OverlaySnapshotter {
 
     pub fn snapshots(&self) -> &Snapshots {
         &self.inner
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Snapshots> {
+        Arc::clone(&self.inner)
     }
 
     /// Runs `op` on the blocking pool: every operation does file system or

@@ -39,7 +39,7 @@ impl Served {
         let snapshotter = OverlaySnapshotter::open(&root).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            serve(snapshotter, &socket, async {
+            serve(snapshotter, &socket, None, async {
                 let _ = stopped.await;
             })
             .await
@@ -307,6 +307,7 @@ async fn the_socket_is_private_replaces_a_stale_one_and_goes_on_stop() {
     let second = serve(
         OverlaySnapshotter::open(other_root.path()).unwrap(),
         &served.socket(),
+        None,
         std::future::pending(),
     )
     .await;
@@ -324,4 +325,29 @@ async fn the_socket_is_private_replaces_a_stale_one_and_goes_on_stop() {
     let socket = served.socket();
     served.stop().await.unwrap();
     assert!(!socket.exists());
+}
+
+/// The status socket under the root answers while the snapshots API is
+/// served (nothing mounted lazily, nothing fallen back), only to root, and
+/// is gone once serving stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_socket_answers_while_serving_and_goes_with_it() {
+    let served = Served::start().await;
+    let socket = darter_snapshotter::status_socket(&served.root());
+    wait_for_socket(&socket).await;
+    assert_eq!(
+        std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let asked = socket.clone();
+    let status = tokio::task::spawn_blocking(move || darter_snapshotter::query_status(&asked))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.lazy_mounts.is_empty(), "{status:?}");
+    let reasons: Vec<&str> = status.fallbacks.keys().map(String::as_str).collect();
+    assert_eq!(reasons, ["not-a-layer", "not-darter", "registry-error"]);
+    assert!(status.fallbacks.values().all(|&n| n == 0), "{status:?}");
+    served.stop().await.unwrap();
+    assert!(!socket.exists(), "removed when serving stops");
 }

@@ -1,6 +1,8 @@
 //! A real containerd for tests (Debian package `containerd`, 1.6): a plain
 //! process with its root, state, sockets and log in a temp dir of its own,
-//! CRI disabled, optionally with proxy snapshotters (`[proxy_plugins]`).
+//! CRI disabled, optionally with proxy snapshotters (`[proxy_plugins]`)
+//! and run through a command prefix (e.g. into a network namespace, as the
+//! benchmarks do; `ctr` then runs through it too).
 //!
 //! [`Containerd::start`] returns once `ctr version` answers. Dropping it,
 //! also when a test fails, kills containerd, the shims it started and
@@ -8,7 +10,7 @@
 //! deletes it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -47,29 +49,55 @@ pub struct Containerd {
     // (after `Drop::drop` has cleaned up the rest).
     process: ChildGuard,
     socket: PathBuf,
+    /// What containerd and `ctr` run through.
+    prefix: Vec<OsString>,
     dir: Option<tempfile::TempDir>,
+}
+
+/// How to start a [`Containerd`].
+#[derive(Debug, Default, Clone)]
+pub struct Options<'a> {
+    /// Snapshotters `(name, socket)` registered as proxy plugins
+    /// (containerd connects to them lazily, so they may start later).
+    pub proxy_snapshotters: &'a [(&'a str, &'a Path)],
+    /// Where its temp dir goes (default: the system's temp dir).
+    pub parent: Option<&'a Path>,
+    /// Words before `containerd` and `ctr` on their command lines, e.g.
+    /// `nsenter --net=PATH --`. The program they start must exec the
+    /// command (its pid is then containerd's).
+    pub command_prefix: Vec<OsString>,
 }
 
 impl Containerd {
     /// Starts containerd with snapshotters `(name, socket)` registered as
-    /// proxy plugins (containerd connects to them lazily, so they may start
-    /// later) and waits until it answers.
+    /// proxy plugins and waits until it answers.
     pub fn start(proxy_snapshotters: &[(&str, &Path)]) -> Result<Containerd, ContainerdError> {
+        Containerd::start_with(&Options {
+            proxy_snapshotters,
+            ..Options::default()
+        })
+    }
+
+    /// Starts containerd as `options` say and waits until it answers.
+    pub fn start_with(options: &Options<'_>) -> Result<Containerd, ContainerdError> {
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
             move |source| ContainerdError::Io { what, path, source }
         };
-        let dir = tempfile::Builder::new()
-            .prefix("darter-containerd-")
-            .tempdir()
-            .map_err(io("create a temp dir for", Path::new("containerd")))?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("darter-containerd-");
+        let dir = match options.parent {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .map_err(io("create a temp dir for", Path::new("containerd")))?;
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), proxy_snapshotters))
+        std::fs::write(&config, config_toml(dir.path(), options.proxy_snapshotters))
             .map_err(io("write", &config))?;
         let log_path = dir.path().join("containerd.log");
         let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = prefixed(&options.command_prefix, "containerd");
         cmd.arg("--config")
             .arg(&config)
             .stdin(Stdio::null())
@@ -79,6 +107,7 @@ impl Containerd {
         let mut started = Containerd {
             process,
             socket,
+            prefix: options.command_prefix.clone(),
             dir: Some(dir),
         };
         started.wait_until_answering()?;
@@ -131,13 +160,14 @@ impl Containerd {
             .map_or(Path::new("/nonexistent"), |d| d.path())
     }
 
-    /// `ctr --address SOCKET --namespace darter-test ARGS`.
+    /// `ctr --address SOCKET --namespace darter-test ARGS` (after the
+    /// command prefix).
     pub fn ctr<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut ctr = Command::new("ctr");
+        let mut ctr = prefixed(&self.prefix, "ctr");
         ctr.arg("--address")
             .arg(&self.socket)
             .args(["--namespace", NAMESPACE])
@@ -205,6 +235,18 @@ impl Containerd {
                 return found;
             }
             found.extend(more);
+        }
+    }
+}
+
+/// `program` after `prefix`.
+fn prefixed(prefix: &[OsString], program: &str) -> Command {
+    match prefix {
+        [] => Command::new(program),
+        [first, rest @ ..] => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
         }
     }
 }
@@ -289,6 +331,33 @@ fn toml_string(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Started through a prefix (here `env`, which execs containerd with
+    /// a variable set) in a directory of the caller's: both hold, and
+    /// `ctr` reaches it.
+    #[test]
+    fn containerd_runs_through_its_command_prefix_in_the_given_directory() {
+        let parent = tempfile::tempdir().unwrap();
+        let containerd = Containerd::start_with(&Options {
+            parent: Some(parent.path()),
+            command_prefix: vec!["env".into(), "DARTER_PREFIXED=yes".into()],
+            ..Options::default()
+        })
+        .unwrap();
+        assert!(containerd.path().starts_with(parent.path()));
+        let environ = std::fs::read(format!("/proc/{}/environ", containerd.pid())).unwrap();
+        assert!(
+            environ
+                .split(|&b| b == 0)
+                .any(|v| v == b"DARTER_PREFIXED=yes"),
+            "containerd itself has the prefix's variable"
+        );
+        let ctr = containerd.ctr(["version"]);
+        assert_eq!(ctr.get_program(), "env");
+        crate::process::run(&mut containerd.ctr(["version"]));
+        drop(containerd);
+        assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn config_keeps_everything_in_its_directory_and_names_the_proxies() {

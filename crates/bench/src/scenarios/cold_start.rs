@@ -3,12 +3,15 @@
 //! registry behind a 100 Mbit/s or 1 Gbit/s link. The baseline is a fresh
 //! containerd pulling the plain OCI image and running it; Darter mounts
 //! the converted image lazily and containerd runs the container on an
-//! overlay over the mount. Both are timed to the container's first line
-//! of output, and the registry's end of the link counts what was sent.
+//! overlay over the mount; and Darter through containerd: `darter pull`
+//! into a containerd whose `darter snapshotter` mounts the image lazily,
+//! then `ctr run --snapshotter darter`. All are timed to the container's
+//! first line of output, and the registry's end of the link counts what
+//! was sent.
 
 use std::time::{Duration, Instant};
 
-use crate::containerd::{Containerd, Rootfs};
+use crate::containerd::{Containerd, DARTER_SNAPSHOTTER, DarterSnapshotter, Rootfs};
 use crate::model::{
     Aim, Bar, Chart, ChartKind, DaemonPeak, Samples, ScenarioReport, Table, Unit, Verdict,
     show_samples,
@@ -61,6 +64,8 @@ struct AtRate {
     round_trip: Duration,
     baseline: Vec<Round>,
     darter: Vec<Round>,
+    /// Darter through containerd and the Darter snapshotter.
+    snapshotter: Vec<Round>,
 }
 
 /// Runs the scenario: both link rates (1 Gbit/s only with `--quick`).
@@ -82,10 +87,12 @@ pub fn run(scenario: &ImageScenario, bench: &Bench) -> anyhow::Result<ScenarioRe
         let mut variants: Vec<Variant<'_, Round>> = vec![
             Box::new(|| containerd_round(bench, tb)),
             Box::new(|| darter_round(bench, tb)),
+            Box::new(|| snapshotter_round(bench, tb)),
         ];
         let mut runs = alternate(bench.size.runs, &mut variants)?.into_iter();
         drop(variants);
-        let (baseline, darter) = (
+        let (baseline, darter, snapshotter) = (
+            runs.next().unwrap_or_default(),
             runs.next().unwrap_or_default(),
             runs.next().unwrap_or_default(),
         );
@@ -94,6 +101,7 @@ pub fn run(scenario: &ImageScenario, bench: &Bench) -> anyhow::Result<ScenarioRe
             round_trip,
             baseline,
             darter,
+            snapshotter,
         });
     }
     Ok(report(scenario, &testbed, &opened, &results))
@@ -141,7 +149,8 @@ fn containerd_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
 /// takes after mounting is left out.
 fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let scratch = bench.scratch("cold-darter")?;
-    let containerd = Containerd::start(&tb.bed, &bench.fresh_dir(&scratch, "containerd")?)?;
+    // Its own temp dir below the scratch: unix socket paths are short.
+    let containerd = Containerd::start(&tb.bed, scratch.path())?;
     let mountpoint = bench.fresh_dir(&scratch, "mnt")?;
     let cache = bench.fresh_dir(&scratch, "cache")?;
     let overlay_dir = bench.fresh_dir(&scratch, "overlay")?;
@@ -161,7 +170,6 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
     let again = Instant::now();
     let warm = image.start(&containerd, Rootfs::Dir(overlay.path()))?;
     let registry_requests = tb.bed.registry_requests() - requests_before;
-    let daemon_peak_rss = tools::peak_rss(at_end.pid)?;
     let phases = vec![
         ("darter mount -d", seconds(started, mounted)),
         ("overlay mount", seconds(resumed, overlaid)),
@@ -170,17 +178,96 @@ fn darter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
             seconds(overlaid, first),
         ),
     ];
+    let round = darter_side(
+        phases,
+        seconds(again, warm),
+        (wire_bytes, registry_requests),
+        (at_mount, at_end),
+    )?;
     drop(overlay);
     mount.unmount()?;
+    Ok(round)
+}
+
+/// A round of a Darter side, whose phases add up to the first output,
+/// with its wire bytes and registry requests, and the mount's counters
+/// after mounting and at the end (its daemon still running).
+fn darter_side(
+    phases: Vec<(&'static str, f64)>,
+    warm_run: f64,
+    (wire_bytes, registry_requests): (u64, u64),
+    counters: (MountStats, MountStats),
+) -> anyhow::Result<Round> {
     Ok(Round {
         first_output: phases.iter().map(|(_, s)| s).sum(),
         phases,
-        warm_run: seconds(again, warm),
+        warm_run,
         wire_bytes,
         registry_requests,
-        darter: Some((at_mount, at_end)),
-        daemon_peak_rss,
+        darter: Some(counters),
+        daemon_peak_rss: tools::peak_rss(counters.1.pid)?,
     })
+}
+
+/// A fresh `darter snapshotter` (empty chunk cache) and a fresh containerd
+/// with it as a proxy plugin: `darter pull` of the Darter image (nothing
+/// downloaded; the snapshotter mounts it lazily), then `ctr run
+/// --snapshotter darter`. Starting the two is left out, as containerd's
+/// start is on the baseline's side.
+fn snapshotter_round(bench: &Bench, tb: &Testbed) -> anyhow::Result<Round> {
+    let scratch = bench.scratch("cold-snapshotter")?;
+    let snapshotter = DarterSnapshotter::start(
+        &tb.bed,
+        &bench.darter,
+        &bench.fresh_dir(&scratch, "snapshotter")?,
+    )?;
+    let containerd =
+        Containerd::start_with_snapshotter(&tb.bed, scratch.path(), Some(&snapshotter.socket()))?;
+    let image = tb.image;
+    // containerd's name for it: `darter pull` drops the transport.
+    let name = tb
+        .darter_ref
+        .strip_prefix("docker://")
+        .unwrap_or(&tb.darter_ref);
+    let mut pull = bench.darter.command();
+    pull.args(["--plain-http", "pull", &tb.darter_ref, "--address"])
+        .arg(containerd.socket())
+        .args(["--namespace", darter_testkit::containerd::NAMESPACE])
+        .args(["--snapshotter", DARTER_SNAPSHOTTER]);
+    let sent_before = tb.bed.registry_tx_bytes()?;
+    let requests_before = tb.bed.registry_requests();
+    let started = Instant::now();
+    tools::output(&mut tb.bed.client(&pull))?;
+    let pulled = Instant::now();
+    let at_pull = snapshotter.lazy_mount_stats()?;
+    let resumed = Instant::now();
+    let first = image.start(&containerd, Rootfs::DarterImage(name))?;
+    let at_end = snapshotter.lazy_mount_stats()?;
+    let wire_bytes = tb.bed.registry_tx_bytes()? - sent_before;
+    let again = Instant::now();
+    let warm = image.start(&containerd, Rootfs::DarterImage(name))?;
+    let registry_requests = tb.bed.registry_requests() - requests_before;
+    let phases = vec![
+        (
+            "darter pull (the snapshotter mounts it lazily)",
+            seconds(started, pulled),
+        ),
+        (
+            "ctr run --snapshotter darter, to the first line",
+            seconds(resumed, first),
+        ),
+    ];
+    let round = darter_side(
+        phases,
+        seconds(again, warm),
+        (wire_bytes, registry_requests),
+        (at_pull, at_end),
+    )?;
+    // As a node would: the snapshotter unmounts, its daemon exits.
+    containerd.remove_image(name)?;
+    drop(containerd);
+    drop(snapshotter);
+    Ok(round)
 }
 
 /// The least time the bytes Darter fetched need on the link: their
@@ -228,6 +315,11 @@ impl AtRate {
         samples(&self.darter, |r| r.first_output).median()
             / samples(&self.baseline, |r| r.first_output).median()
     }
+
+    fn snapshotter_over_baseline(&self) -> f64 {
+        samples(&self.snapshotter, |r| r.first_output).median()
+            / samples(&self.baseline, |r| r.first_output).median()
+    }
 }
 
 fn report(
@@ -249,8 +341,12 @@ fn report(
          `ctr run --rm --net-host IMAGE {cmd}`; \
          **Darter** — `darter mount -d --plain-http` with an empty chunk cache, an overlay \
          (lower: the mount) and `ctr run --rm --net-host --rootfs OVERLAY {cmd}` on a fresh \
-         containerd. Both are timed from the start of the pull (mount) to the first line the \
-         container prints; containerd is started (and answering) before that.",
+         containerd; **Darter snapshotter** — a fresh `darter snapshotter --plain-http` (empty \
+         chunk cache) as containerd's proxy plugin `darter`, `darter pull --plain-http` of the \
+         Darter image (nothing downloaded: the snapshotter mounts it lazily) and \
+         `ctr run --rm --net-host --snapshotter darter IMAGE {cmd}`. All are timed from the start \
+         of the pull (mount) to the first line the container prints; containerd and the \
+         snapshotter are started (and answering) before that.",
         Unit::Bytes.show(testbed.oci_layer_bytes as f64),
         Unit::Bytes.show(testbed.darter_image_bytes as f64),
         cmd = image.command_line(),
@@ -413,6 +509,8 @@ fn time_table(results: &[AtRate]) -> Table {
             "floor",
             "Darter / floor",
             "floor + local container start",
+            "Darter snapshotter: darter pull + ctr run",
+            "snapshotter / containerd",
         ],
     );
     for a in results {
@@ -424,6 +522,8 @@ fn time_table(results: &[AtRate]) -> Table {
             show_samples(Unit::Seconds, &a.floors()),
             Unit::Ratio.show(a.darter_over_floor()),
             show_samples(Unit::Seconds, &a.floors_and_starts()),
+            show_samples(Unit::Seconds, &samples(&a.snapshotter, |r| r.first_output)),
+            Unit::Ratio.show(a.snapshotter_over_baseline()),
         ]);
     }
     t
@@ -491,6 +591,7 @@ fn breakdown_table(results: &[AtRate]) -> Table {
             (|a: &AtRate| &a.baseline) as fn(&AtRate) -> &Vec<Round>,
         ),
         ("Darter", |a: &AtRate| &a.darter),
+        ("Darter snapshotter", |a: &AtRate| &a.snapshotter),
     ] {
         let phases = rounds_of(first)
             .first()
@@ -571,6 +672,11 @@ fn chart(scenario: &ImageScenario, results: &[AtRate]) -> Chart {
             value: samples(&a.darter, |r| r.first_output).median(),
             darter: true,
         });
+        bars.push(Bar {
+            label: format!("Darter snapshotter, {}", a.rate),
+            value: samples(&a.snapshotter, |r| r.first_output).median(),
+            darter: true,
+        });
     }
     Chart {
         file: format!("{}.png", scenario.name),
@@ -631,6 +737,7 @@ mod tests {
                 round(0.6, Some(2_500_000)),
                 round(0.9, Some(5_000_000)),
             ],
+            snapshotter: vec![round(1.1, Some(2_500_000))],
         };
         // Median floor 0.2 s (2.5 MB at 12.5 MB/s), median Darter 0.6 s.
         assert!((a.darter_over_floor() - 3.0).abs() < 1e-9);
@@ -638,5 +745,7 @@ mod tests {
         let t = time_table(std::slice::from_ref(&a));
         assert_eq!(t.rows[0][0], "100 Mbit/s");
         assert_eq!(t.rows[0][5], "3.00x");
+        assert!((a.snapshotter_over_baseline() - 0.1).abs() < 1e-9);
+        assert_eq!(t.rows[0][8], "0.10x");
     }
 }

@@ -4,6 +4,7 @@ mod access;
 pub mod build;
 mod cold_start;
 mod mount_time;
+mod p2p;
 mod push;
 mod python;
 mod seq_read;
@@ -37,6 +38,7 @@ pub fn all() -> Vec<Box<dyn Scenario>> {
             run: warm_run::run,
         }),
         Box::new(push::Push),
+        Box::new(p2p::P2p),
         Box::new(ImageScenario {
             name: "cold-start-ai",
             title: "Cold start of the AI inference image (tensorflow) from a registry over a \

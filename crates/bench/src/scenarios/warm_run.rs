@@ -33,7 +33,7 @@ pub fn run(scenario: &ImageScenario, bench: &Bench) -> anyhow::Result<ScenarioRe
     let mut testbed = Testbed::prepare(&bench.darter, image, scratch.path())?;
     testbed.bed.limit(Some(RATE))?;
     let tb = &testbed;
-    let containerd = Containerd::start(&tb.bed, &bench.fresh_dir(&scratch, "containerd")?)?;
+    let containerd = Containerd::start(&tb.bed, scratch.path())?;
     containerd.pull(&tb.oci_ref)?;
     let run_image = || image.start(&containerd, Rootfs::Image(&tb.oci_ref));
     run_image()?;

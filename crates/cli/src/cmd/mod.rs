@@ -12,6 +12,7 @@ pub(crate) mod p2p;
 mod pull;
 mod snapshotter;
 mod stats;
+mod status;
 mod unpack;
 
 use anyhow::Context as _;
@@ -45,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
         Command::Snapshotter(a) => snapshotter::run(&a, &ctx, &config),
         Command::Pull(a) => pull::run(&a, &ctx),
+        Command::Status(a) => status::run(&a),
         Command::Scheduler(a) => p2p::scheduler(&a),
         Command::Peer(a) => p2p::peer(&a),
     }
@@ -104,6 +106,11 @@ impl Context {
         })
     }
 
+    /// Whether `--plain-http` was given.
+    pub fn plain_http(&self) -> bool {
+        self.forward.iter().any(|flag| flag == "--plain-http")
+    }
+
     /// Global flags to pass on when running `darter` again.
     pub fn forwarded_flags(&self) -> &[std::ffi::OsString] {
         &self.forward
@@ -152,6 +159,7 @@ fn image_args(command: &Command) -> Vec<&str> {
         Command::Mount(a) => vec![&a.image],
         Command::Pull(a) => vec![&a.image],
         Command::Stats(_)
+        | Command::Status(_)
         | Command::Cache(_)
         | Command::Snapshotter(_)
         | Command::Scheduler(_)

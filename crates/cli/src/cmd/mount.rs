@@ -60,6 +60,8 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
         threads: args.threads.or(config.threads).unwrap_or(DEFAULT_THREADS),
         store: store_options(&args.image),
         frontend,
+        keeper: args.keeper.clone(),
+        takeover: args.takeover,
     };
     if args.daemon {
         return detach(args, ctx, &opts, prefetch_all);
@@ -100,7 +102,13 @@ fn detach(
     if let Some(dir) = log_path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let log = std::fs::File::create(&log_path)
+    // A daemon taking over appends to its predecessor's log.
+    let log = std::fs::File::options()
+        .create(true)
+        .write(true)
+        .append(opts.takeover)
+        .truncate(!opts.takeover)
+        .open(&log_path)
         .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding the darter executable")?;
     let mut cmd = Command::new(exe);
@@ -125,6 +133,12 @@ fn detach(
     });
     if let Some(addr) = opts.metrics_addr {
         cmd.arg("--metrics-addr").arg(addr.to_string());
+    }
+    if let Some(keeper) = &opts.keeper {
+        cmd.arg("--keeper").arg(keeper);
+    }
+    if opts.takeover {
+        cmd.arg("--takeover");
     }
     let stdin = if ctx.login().is_some() {
         Stdio::piped()

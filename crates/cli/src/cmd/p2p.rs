@@ -15,16 +15,54 @@ use super::Outcome;
 
 /// `darter scheduler`.
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct SchedulerArgs {
+    #[command(subcommand)]
+    pub command: Option<SchedulerCommand>,
+    #[command(flatten)]
+    pub run: SchedulerRunArgs,
+}
+
+/// `darter scheduler ...`.
+#[derive(Debug, Subcommand)]
+pub enum SchedulerCommand {
+    /// Show what a running scheduler knows: peers, tasks, decisions.
+    Status(SchedulerStatusArgs),
+}
+
+/// `darter scheduler` (running one).
+#[derive(Debug, Args)]
+pub struct SchedulerRunArgs {
     /// Where peers reach the scheduler (gRPC).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: SocketAddr,
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub listen: Option<SocketAddr>,
     /// The cluster token peers must present.
-    #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    pub token_file: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// How many peers may fetch one blob from the origin registry at once.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub max_origin_per_task: usize,
+    /// How many distinct peers must report a peer for bad pieces before no
+    /// one is sent to it.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub block_reporters: usize,
+}
+
+/// `darter scheduler status`.
+#[derive(Debug, Args)]
+pub struct SchedulerStatusArgs {
+    /// The scheduler's HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
+    pub scheduler: String,
+    /// The cluster token.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `darter peer`.
@@ -96,14 +134,76 @@ pub struct PeerStatusArgs {
     pub json: bool,
 }
 
+/// A flag clap enforces (`required`) unless a subcommand is given.
+fn missing(flag: &str) -> anyhow::Error {
+    anyhow::anyhow!("{flag} is required")
+}
+
 pub fn scheduler(args: &SchedulerArgs) -> anyhow::Result<Outcome> {
-    let token = darter_p2p::read_token(&args.token_file)?;
+    match &args.command {
+        Some(SchedulerCommand::Status(status)) => scheduler_status(status),
+        None => run_scheduler(&args.run),
+    }
+}
+
+fn run_scheduler(args: &SchedulerRunArgs) -> anyhow::Result<Outcome> {
+    let listen = args.listen.ok_or_else(|| missing("--listen"))?;
+    let token_file = args
+        .token_file
+        .as_ref()
+        .ok_or_else(|| missing("--token-file"))?;
+    let token = darter_p2p::read_token(token_file)?;
     let policy = darter_p2p::SchedulerPolicy {
         max_origin_per_task: args.max_origin_per_task.max(1),
+        block_reporters: args.block_reporters.max(1),
         ..Default::default()
     };
-    darter_p2p::run_scheduler(args.listen, token, policy)
-        .with_context(|| format!("running the scheduler on {}", args.listen))?;
+    darter_p2p::run_scheduler(listen, args.metrics_addr, token, policy)
+        .with_context(|| format!("running the scheduler on {listen}"))?;
+    Ok(Outcome::Success)
+}
+
+fn scheduler_status(args: &SchedulerStatusArgs) -> anyhow::Result<Outcome> {
+    let token = darter_p2p::read_token(&args.token_file)?;
+    let status = darter_p2p::scheduler_status(&args.scheduler, &token)?;
+    if args.json {
+        print_json(&status)?;
+        return Ok(Outcome::Success);
+    }
+    println!("peers ({})", status.peers.len());
+    for p in &status.peers {
+        let role = if p.seed { "seed" } else { "peer" };
+        let health = if p.blocked {
+            "blocked".to_owned()
+        } else if p.reporters > 0 {
+            format!("reported by {}", p.reporters)
+        } else {
+            "ok".to_owned()
+        };
+        println!(
+            "  {} {role} at {}, uploads {}/{}, {health}",
+            p.peer_id, p.data_addr, p.active_uploads, p.upload_capacity
+        );
+    }
+    println!("tasks ({})", status.tasks.len());
+    for t in &status.tasks {
+        println!(
+            "  {} {}: {} holders, {} verified, {} fetching from the origin",
+            t.task,
+            human(t.size),
+            t.holders,
+            t.verified,
+            t.origin_fetchers
+        );
+    }
+    println!(
+        "decisions: {} parents, {} origin, {} wait, {} seed; {} bad-peer reports",
+        status.decisions_parents,
+        status.decisions_origin,
+        status.decisions_wait,
+        status.decisions_seed,
+        status.bad_peer_reports
+    );
     Ok(Outcome::Success)
 }
 
@@ -115,8 +215,6 @@ pub fn peer(args: &PeerArgs) -> anyhow::Result<Outcome> {
 }
 
 fn run_peer(args: &PeerRunArgs) -> anyhow::Result<Outcome> {
-    // clap enforces these (`required`) unless a subcommand is given.
-    let missing = |flag: &str| anyhow::anyhow!("{flag} is required");
     let labels = args
         .labels
         .iter()

@@ -5,8 +5,12 @@
 //! them itself, the last one as a lazy mount of the whole image) and
 //! records the image. A plain image is pulled in full, as containerd's own
 //! pull does: layers into the content store, each unpacked by containerd's
-//! diff service into a snapshot. Everything happens under a containerd
-//! lease, so containerd's garbage collector cannot take half a pull away.
+//! diff service into a snapshot, and the top layer's Prepare carries the
+//! label [`LABEL_FALLBACK`], so that the Darter snapshotter counts the
+//! fallback (a label rides on the request containerd forwards anyway: no
+//! second channel to the snapshotter, nothing to configure, and other
+//! snapshotters ignore it). Everything happens under a containerd lease,
+//! so containerd's garbage collector cannot take half a pull away.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -29,7 +33,7 @@ use containerd_client::types::Descriptor;
 use darter_image::BlobSource;
 use darter_oci::{ImageConfiguration, OciDigest};
 use darter_remote::{ImageRef, Stores};
-use darter_snapshotter::{LABEL_IMAGE_REF, LABEL_TARGET};
+use darter_snapshotter::{FallbackReason, LABEL_FALLBACK, LABEL_IMAGE_REF, LABEL_TARGET};
 use sha2::{Digest as _, Sha256};
 
 use crate::cli::PullArgs;
@@ -319,6 +323,8 @@ impl Layer<'_> {
     /// Downloads the layer `index` of `image` into the content store and
     /// has containerd's diff service unpack it into a new snapshot,
     /// committed as the layer's chain ID (unless that is there already).
+    /// The top layer's Prepare reports the fallback: an image counts once,
+    /// and only when it is unpacked.
     async fn unpack(
         &self,
         channel: &Channel,
@@ -338,8 +344,18 @@ impl Layer<'_> {
         let labels = HashMap::from([("containerd.io/uncompressed".to_owned(), diff_id.clone())]);
         let mut content = ContentClient::new(channel.clone());
         write_layer(&mut content, self, image, index, labels).await?;
+        let mut prepare_labels = HashMap::new();
+        if index + 1 == image.diff_ids.len() {
+            prepare_labels.extend([
+                (
+                    LABEL_FALLBACK.to_owned(),
+                    FallbackReason::NotDarter.name().to_owned(),
+                ),
+                (LABEL_IMAGE_REF.to_owned(), image.pinned.clone()),
+            ]);
+        }
         let mounts = snapshots
-            .prepare(self.request(self.prepare(HashMap::new()))?)
+            .prepare(self.request(self.prepare(prepare_labels))?)
             .await
             .context("preparing its snapshot")?
             .into_inner()

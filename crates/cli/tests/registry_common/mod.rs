@@ -62,6 +62,11 @@ impl Scratch {
         Scratch { work, config }
     }
 
+    /// Replaces the config file with `toml`.
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(&self.config, toml).unwrap();
+    }
+
     /// `name` inside the scratch directory (not created).
     pub fn path(&self, name: &str) -> PathBuf {
         self.work.path(name)

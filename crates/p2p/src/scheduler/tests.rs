@@ -67,6 +67,19 @@ fn report(s: &mut SchedulerState, now: Instant, id: &str, pieces: &[usize], dige
     .unwrap();
 }
 
+fn bad_peer(s: &mut SchedulerState, now: Instant, reporter: &str, peer: &str) {
+    s.report_bad_peer(
+        &BadPeerRequest {
+            reporter_id: reporter.into(),
+            peer_id: peer.into(),
+            task: task(),
+            piece: 1,
+        },
+        now,
+    )
+    .unwrap();
+}
+
 fn parent_ids(answer: &ScheduleResponse) -> Vec<&str> {
     answer.parents.iter().map(|p| p.peer_id.as_str()).collect()
 }
@@ -120,19 +133,14 @@ fn only_the_origin_fetcher_or_a_complete_peer_sets_piece_digests() {
 }
 
 #[test]
-fn a_reported_bad_peer_is_never_chosen_again_and_frees_its_origin_slot() {
+fn a_reported_peer_is_not_offered_to_its_reporter_nor_when_others_can_serve() {
     let (mut s, now) = state();
     for id in ["a", "b", "c"] {
         register(&mut s, now, id, false, &[]);
     }
     schedule(&mut s, now, "a");
     report(&mut s, now, "a", &[0, 1, 2], true);
-    s.block(&BadPeerRequest {
-        reporter_id: "b".into(),
-        peer_id: "a".into(),
-        task: task(),
-        piece: 1,
-    });
+    bad_peer(&mut s, now, "b", "a");
     assert_eq!(schedule(&mut s, now, "b").decision(), Decision::Origin);
     // Registering again does not clear the block.
     register(&mut s, now, "a", false, &[]);
@@ -207,4 +215,48 @@ fn requests_from_strangers_or_with_bad_digests_are_refused() {
         s.schedule(&request, now).unwrap_err().code(),
         tonic::Code::InvalidArgument
     );
+}
+
+#[test]
+fn one_report_cannot_shut_a_peer_out_but_two_reporters_block_it_until_reports_expire() {
+    let (mut s, now) = state();
+    for id in ["a", "b", "c", "d"] {
+        register(&mut s, now, id, false, &[]);
+    }
+    schedule(&mut s, now, "a");
+    report(&mut s, now, "a", &[0, 1, 2], true);
+    bad_peer(&mut s, now, "b", "a");
+    // a is the only holder: c is still sent to it, b is not.
+    assert_eq!(parent_ids(&schedule(&mut s, now, "c")), ["a"]);
+    assert_ne!(schedule(&mut s, now, "b").decision(), Decision::Parents);
+    // Reports by one reporter count once; a second reporter blocks a.
+    bad_peer(&mut s, now, "b", "a");
+    assert_eq!(s.status(now).peers[0].reporters, 1);
+    bad_peer(&mut s, now, "c", "a");
+    let status = s.status(now);
+    assert!(status.peers[0].blocked && status.peers[0].reporters == 2);
+    assert_ne!(schedule(&mut s, now, "d").decision(), Decision::Parents);
+    // Reports expire (keepalives keep everyone registered meanwhile).
+    let later = now + SchedulerPolicy::default().report_ttl + Duration::from_secs(1);
+    for id in ["a", "b", "c", "d"] {
+        register(&mut s, later, id, false, &[]);
+    }
+    assert_eq!(parent_ids(&schedule(&mut s, later, "d")), ["a"]);
+    assert!(!s.status(later).peers[0].blocked);
+    assert_eq!(s.status(later).bad_peer_reports, 3);
+}
+
+#[test]
+fn reports_from_strangers_or_about_oneself_do_not_count() {
+    let (mut s, now) = state();
+    register(&mut s, now, "a", false, &[]);
+    let request = |reporter: &str| BadPeerRequest {
+        reporter_id: reporter.into(),
+        peer_id: "a".into(),
+        task: task(),
+        piece: 0,
+    };
+    assert!(s.report_bad_peer(&request("stranger"), now).is_err());
+    s.report_bad_peer(&request("a"), now).unwrap();
+    assert_eq!(s.status(now).peers[0].reporters, 0);
 }

@@ -7,6 +7,7 @@
 mod auth;
 mod common;
 mod faults;
+mod mirror;
 mod pull_push;
 mod redirect;
 mod streaming;

@@ -360,6 +360,8 @@ fn something_mounted_in_the_trash_neither_stops_opening_nor_gets_deleted() {
 struct BindMounts {
     tree: tempfile::TempDir,
     diff_ids: Option<Vec<String>>,
+    /// How often the image's layers were read.
+    reads: std::sync::atomic::AtomicUsize,
 }
 
 impl BindMounts {
@@ -369,16 +371,35 @@ impl BindMounts {
         Arc::new(BindMounts {
             tree,
             diff_ids: diff_ids.map(|ids| ids.iter().map(|&id| id.to_owned()).collect()),
+            reads: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
 
 impl LazyMounts for BindMounts {
-    fn darter_diff_ids(&self, image: &str) -> Result<Option<Vec<String>>, remote::LazyError> {
+    fn image_layers(&self, image: &str) -> Result<ImageLayers, remote::LazyError> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if image == UNREADABLE_IMAGE {
             return Err(format!("{image}: connection refused").into());
         }
-        Ok(self.diff_ids.clone())
+        Ok(match &self.diff_ids {
+            Some(diff_ids) => ImageLayers {
+                is_darter: true,
+                diff_ids: diff_ids.clone(),
+            },
+            None => ImageLayers {
+                is_darter: false,
+                diff_ids: vec!["sha256:plain1".into(), "sha256:plain2".into()],
+            },
+        })
+    }
+
+    fn mount_stats(&self, mountpoint: &Path) -> Option<remote::MountStats> {
+        self.is_served(mountpoint).then_some(remote::MountStats {
+            pid: std::process::id(),
+            backend_bytes: 7,
+            backend_requests: 1,
+        })
     }
 
     fn mount(&self, _image: &str, mountpoint: &Path) -> Result<(), remote::LazyError> {
@@ -550,4 +571,79 @@ fn reopening_mounts_remote_layers_again_and_unmounts_forgotten_ones() {
         darter_testkit::process::mounts_under(root.path()).unwrap(),
         [top_fs]
     );
+}
+
+#[test]
+fn a_darter_images_layers_are_read_once_and_its_mount_is_in_the_status() {
+    let diff_ids = ["sha256:b1", "sha256:boot"];
+    let lazy = BindMounts::new(Some(&diff_ids));
+    let root = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(root.path().to_path_buf());
+    let s = Snapshots::open_with(root.path(), Some(lazy.clone())).unwrap();
+    let chain = remote::chain_ids(&diff_ids.map(str::to_owned));
+    prepare_remote_chain(&s, &chain);
+    assert_eq!(
+        lazy.reads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one read of the manifest and config for both layers"
+    );
+
+    let status = s.status().unwrap();
+    let top = s.stat(&chain[1]).unwrap();
+    assert_eq!(
+        status.lazy_mounts,
+        [LazyMountStatus {
+            snapshot: chain[1].clone(),
+            image: IMAGE.to_owned(),
+            mountpoint: s.layout.fs_dir(top.record.id),
+            daemon: Some(remote::MountStats {
+                pid: std::process::id(),
+                backend_bytes: 7,
+                backend_requests: 1,
+            }),
+        }]
+    );
+    assert!(status.fallbacks.values().all(|&n| n == 0), "{status:?}");
+}
+
+#[test]
+fn fallbacks_are_counted_by_reason() {
+    let count = |s: &Snapshots, reason: &str| s.status().unwrap().fallbacks[reason];
+    let root = tempfile::tempdir().unwrap();
+    let _unmount = UnmountBelow(root.path().to_path_buf());
+    // A plain image, prepared layer by layer as containerd's CRI does:
+    // counted once, at its top layer.
+    let s = Snapshots::open_with(root.path(), Some(BindMounts::new(None))).unwrap();
+    let plain = remote::chain_ids(&["sha256:plain1".to_owned(), "sha256:plain2".to_owned()]);
+    for (i, target) in plain.iter().enumerate() {
+        s.prepare(Kind::Active, &format!("p-{i}"), "", remote_labels(target))
+            .unwrap();
+        assert_eq!(count(&s, "not-darter"), i as u64);
+    }
+    // An image it cannot read: its top is unknown, so each layer counts.
+    for i in 0..2 {
+        let mut labels = remote_labels("sha256:a");
+        labels.insert(
+            remote::LABEL_IMAGE_REF.to_owned(),
+            UNREADABLE_IMAGE.to_owned(),
+        );
+        s.prepare(Kind::Active, &format!("u-{i}"), "", labels)
+            .unwrap();
+    }
+    assert_eq!(count(&s, "registry-error"), 2);
+    // A client's report (`darter pull`); one of an unknown reason is not
+    // counted.
+    for (key, reason) in [("r-0", "not-darter"), ("r-1", "bogus")] {
+        let labels = Labels::from([(crate::LABEL_FALLBACK.to_owned(), reason.to_owned())]);
+        s.prepare(Kind::Active, key, "", labels).unwrap();
+    }
+    assert_eq!(count(&s, "not-darter"), 2);
+    assert_eq!(s.status().unwrap().fallbacks.values().sum::<u64>(), 4);
+    drop(s);
+    // A Darter image asked for a layer not its own.
+    let s = Snapshots::open_with(root.path(), Some(BindMounts::new(Some(&["sha256:a"])))).unwrap();
+    s.prepare(Kind::Active, "n-0", "", remote_labels("sha256:x"))
+        .unwrap();
+    assert_eq!(count(&s, "not-a-layer"), 1);
+    assert!(s.status().unwrap().lazy_mounts.is_empty());
 }
