@@ -50,23 +50,9 @@ pub struct MountRecord {
     pub devices: Option<PathBuf>,
     /// The daemon serving it.
     pub pid: u32,
-    /// FUSE protocol version the kernel offered.
-    pub abi_major: u32,
-    /// FUSE protocol minor version the kernel offered.
-    pub abi_minor: u32,
-    /// Capability flags the kernel offered.
-    pub capabilities: u64,
-}
-
-impl MountRecord {
-    /// What the kernel offered at FUSE_INIT.
-    pub fn abi(&self) -> darter_fuse::KernelAbi {
-        darter_fuse::KernelAbi {
-            major: self.abi_major,
-            minor: self.abi_minor,
-            capabilities: self.capabilities,
-        }
-    }
+    /// What the kernel offered the connection at FUSE_INIT, for a daemon
+    /// taking it over to replay.
+    pub abi: darter_fuse::KernelAbi,
 }
 
 /// From a daemon to its keeper.
@@ -539,9 +525,11 @@ mod tests {
             frontend: Frontend::Fuse,
             devices: None,
             pid: 42,
-            abi_major: 7,
-            abi_minor: 41,
-            capabilities: 1 << 35,
+            abi: darter_fuse::KernelAbi {
+                major: 7,
+                minor: 41,
+                capabilities: 1 << 35,
+            },
         }
     }
 

@@ -126,6 +126,16 @@ pub enum Frontend {
     Erofs,
 }
 
+impl Frontend {
+    /// The name `--frontend` and the config file take (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Frontend::Fuse => "fuse",
+            Frontend::Erofs => "erofs",
+        }
+    }
+}
+
 /// Opens `spec` (fetching the bootstrap, counted as backend traffic),
 /// mounts it at `mountpoint` (or takes the mount there over, see
 /// [`MountOptions::takeover`]) and serves it until it is unmounted or the
@@ -237,13 +247,13 @@ impl Served {
                     })?;
             let (record, device) = crate::keeper::take_device(keeper, mountpoint)?;
             let kept = device.try_clone().map_err(dup_error)?;
-            let mut taken = darter_fuse::take_over(fs, device, record.abi(), config.clone())?;
+            let mut taken = darter_fuse::take_over(fs, device, record.abi, config.clone())?;
             tracing::info!(mountpoint = %mountpoint.display(), previous_pid = record.pid, "took the mount over");
             return Ok(Served {
                 unmounter: taken.session_mut().unmount_callable(),
                 run: Box::new(move || taken.run()),
                 device: kept,
-                abi: record.abi(),
+                abi: record.abi,
                 taken_over: true,
             });
         }
@@ -331,9 +341,7 @@ impl<S: BlobSource + 'static> Mount<S> {
                     frontend: opts.frontend,
                     devices,
                     pid: std::process::id(),
-                    abi_major: abi.major,
-                    abi_minor: abi.minor,
-                    capabilities: abi.capabilities,
+                    abi,
                 };
                 KeeperLink::start(keeper, record, device)
             })

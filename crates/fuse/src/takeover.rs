@@ -44,7 +44,7 @@ const SOCKET_BUFFER: usize = 2 * MAX_MESSAGE;
 
 /// What the kernel offered a connection at FUSE_INIT, recorded by the first
 /// daemon so a later one can replay it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelAbi {
     /// FUSE protocol major version.
     pub major: u32,

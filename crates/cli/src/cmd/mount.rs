@@ -127,10 +127,7 @@ fn detach(
     cmd.arg("--prefetch")
         .arg(if prefetch_all { "all" } else { "none" });
     cmd.arg("--threads").arg(opts.threads.to_string());
-    cmd.arg("--frontend").arg(match opts.frontend {
-        Frontend::Fuse => "fuse",
-        Frontend::Erofs => "erofs",
-    });
+    cmd.arg("--frontend").arg(opts.frontend.as_str());
     if let Some(addr) = opts.metrics_addr {
         cmd.arg("--metrics-addr").arg(addr.to_string());
     }

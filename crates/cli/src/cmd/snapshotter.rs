@@ -168,10 +168,7 @@ impl Daemons {
 
     fn take_over(&self, lost: &MountRecord) {
         let why = "its daemon ended without its mount going away (killed, crashed or signalled)";
-        let frontend = match lost.frontend {
-            darter_daemon::Frontend::Fuse => "fuse",
-            darter_daemon::Frontend::Erofs => "erofs",
-        };
+        let frontend = lost.frontend.as_str();
         for attempt in 1..=TAKEOVER_ATTEMPTS {
             let started = self.mount(
                 &lost.image,
