@@ -57,7 +57,7 @@ find "$work/basic" "$work/wide" "$work/raw" -exec touch -h -d @1700000000 {} +
 "$darter" --quiet build "$work/wide" -o "oci:$work/img-wide" --compressor lz4 --digest sha256 --chunk-size 16K
 "$darter" --quiet build "$work/raw" -o "oci:$work/img-raw" --compressor none
 
-for target in bootstrap chunk_table frame; do
+for target in bootstrap chunk_table frame image; do
   mkdir -p "$fuzz_dir/seeds/$target"
   rm -f "$fuzz_dir/seeds/$target"/image-*
 done

@@ -4,7 +4,8 @@
 //! - `bootstrap/`: each image's uncompressed bootstrap;
 //! - `chunk_table/`: each blob's tail (stored table + trailer), and its
 //!   decoded raw table with the blob's geometry;
-//! - `frame/`: a few small stored frames of each blob with their sizes.
+//! - `frame/`: a few small stored frames of each blob with their sizes;
+//! - `image/`: each image's uncompressed bootstrap followed by its blobs.
 //!
 //! Usage: `make_seeds OUT_DIR LAYOUT_DIR...` (see `fuzz/seeds.sh`). Files
 //! are named `image-` and a content digest, so rerunning adds nothing twice
@@ -18,7 +19,7 @@ use darter_format::DigestAlgo;
 use darter_format::blob::{BLOB_TRAILER_SIZE, BlobTrailer};
 use darter_format::compress::{Compression, decompress};
 use darter_format::oci::{ANNOTATION_BOOTSTRAP_SIZE, MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
-use darter_fuzz::input::{ChunkTableInput, FrameInput};
+use darter_fuzz::input::{ChunkTableInput, FrameInput, ImageInput};
 use serde_json::Value;
 
 type Result<T> = std::result::Result<T, Box<dyn Error>>;
@@ -47,6 +48,8 @@ fn seed_image(layout: &Path, out: &Path) -> Result<()> {
     let layers = manifest["layers"]
         .as_array()
         .ok_or("manifest has no layers")?;
+    let mut bootstrap = None;
+    let mut blobs = Vec::new();
     for layer in layers {
         let bytes = fs::read(blob_path(layout, layer)?)?;
         match layer["mediaType"].as_str() {
@@ -55,17 +58,22 @@ fn seed_image(layout: &Path, out: &Path) -> Result<()> {
                     .as_str()
                     .ok_or("bootstrap layer without its size annotation")?
                     .parse()?;
-                write_seed(
-                    out,
-                    "bootstrap",
-                    &decompress(Compression::Zstd, &bytes, size)?,
-                )?;
+                let raw = decompress(Compression::Zstd, &bytes, size)?;
+                write_seed(out, "bootstrap", &raw)?;
+                bootstrap = Some(raw);
             }
-            Some(MEDIA_TYPE_BLOB) => seed_blob(&bytes, out)?,
+            Some(MEDIA_TYPE_BLOB) => {
+                seed_blob(&bytes, out)?;
+                blobs.push(bytes);
+            }
             other => return Err(format!("unexpected layer media type {other:?}").into()),
         }
     }
-    Ok(())
+    // `darter build` lists the blobs in the order of the bootstrap's table.
+    let bootstrap = bootstrap.ok_or("image without a bootstrap layer")?;
+    let blobs: Vec<&[u8]> = blobs.iter().map(Vec::as_slice).collect();
+    let input = ImageInput::encode(&bootstrap, &blobs).ok_or("bootstrap of 4 GiB or more")?;
+    write_seed(out, "image", &input)
 }
 
 fn seed_blob(blob: &[u8], out: &Path) -> Result<()> {

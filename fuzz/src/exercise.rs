@@ -1,5 +1,6 @@
-//! Drives `darter-format`'s readers and `darter-builder`'s tar reader
-//! with one fuzz input each and asserts what they promise. Errors are
+//! Drives `darter-format`'s readers, `darter-image`'s verified reads and
+//! `darter-builder`'s tar reader with one fuzz input each and asserts what
+//! they promise. Errors are
 //! expected answers to hostile bytes; a panic (including a failed
 //! assertion here) is a finding.
 
@@ -11,8 +12,11 @@ use darter_format::bootstrap::{BlobEntry, Bootstrap};
 use darter_format::compress::{Compression, decompress};
 use darter_format::erofs::ondisk::{DataLayout, mode};
 use darter_format::erofs::{Erofs, Inode};
+use darter_format::oci::{MEDIA_TYPE_BLOB, MEDIA_TYPE_BOOTSTRAP};
+use darter_image::{BlobSource, SourceError};
+use darter_oci::{ImageManifest, OciDigest};
 
-use crate::input::{ChunkTableInput, FrameInput};
+use crate::input::{ChunkTableInput, FrameInput, ImageInput};
 
 type Image<'a> = Erofs<&'a [u8]>;
 
@@ -296,5 +300,143 @@ impl Read for OneByte<'_> {
             }
             _ => Ok(0),
         }
+    }
+}
+
+/// Reads of file chunks one `image` input may make: the walk is bounded
+/// by the bootstrap, but every read decompresses a frame of up to 16 MiB.
+const MAX_IMAGE_CHUNK_READS: usize = 256;
+
+/// Opens a whole image, bootstrap and blobs from the input (the manifest
+/// is made to list them, as `darter build` would), then checks it with
+/// [`darter_image::check`] and reads every file's chunks. A chunk that
+/// reads must be exactly the file's bytes in that chunk, and read the same
+/// again (from the frame cache); an image the check calls sound must read
+/// without an error.
+pub fn image(data: &[u8]) {
+    let Some(input) = ImageInput::parse(data) else {
+        return;
+    };
+    let Some((manifest_digest, manifest, blobs)) = image_parts(&input) else {
+        return;
+    };
+    let Ok(image) = darter_image::Image::open(manifest_digest, manifest, blobs) else {
+        return;
+    };
+    let sound = darter_image::check(&image).is_sound();
+    let mut budget = MAX_IMAGE_CHUNK_READS;
+    let erofs = image.bootstrap().erofs();
+    let _ = erofs.walk(&mut |parent, entry, inode| {
+        if inode.file_type() != mode::S_IFREG || inode.layout != DataLayout::ChunkBased {
+            return Ok(());
+        }
+        let chunks = inode.chunk_count(erofs.superblock().blkszbits);
+        for n in 0..chunks.min(budget as u64) {
+            budget -= 1;
+            let first = image.read_file_chunk(inode, n);
+            let where_ = || format!("chunk {n} of {:?}/{:?}", parent, entry.name);
+            match &first {
+                Ok(Some(bytes)) => {
+                    let chunk_size = image.bootstrap().chunk_size();
+                    let left = inode.size.saturating_sub(n * chunk_size);
+                    assert_eq!(bytes.len() as u64, left.min(chunk_size), "{}", where_());
+                }
+                Ok(None) => {}
+                Err(e) => assert!(
+                    !sound,
+                    "check called the image sound, but {}: {e}",
+                    where_()
+                ),
+            }
+            let again = image.read_file_chunk(inode, n);
+            assert_eq!(
+                first.as_ref().ok(),
+                again.as_ref().ok(),
+                "{} read differently the second time",
+                where_()
+            );
+        }
+        Ok(())
+    });
+}
+
+/// What `Image::open` takes for `input`: the bootstrap stored as a layer
+/// (zstd), a manifest listing it and the blobs its blob table names, and
+/// those blobs. `None` if the bootstrap does not open.
+fn image_parts(input: &ImageInput<'_>) -> Option<(OciDigest, ImageManifest, MemoryBlobs)> {
+    let listed = Bootstrap::open(input.bootstrap).ok()?.info().blobs.clone();
+    let stored = zstd::bulk::compress(input.bootstrap, 1).ok()?;
+    let bootstrap_digest = OciDigest::of(&stored);
+    let mut layers = vec![serde_json::json!({
+        "mediaType": MEDIA_TYPE_BOOTSTRAP,
+        "digest": bootstrap_digest.to_string(),
+        "size": stored.len(),
+    })];
+    let mut blobs = MemoryBlobs::default();
+    blobs.0.insert(bootstrap_digest, stored);
+    let mut rest = input.blobs;
+    for entry in &listed {
+        let digest: OciDigest = entry.oci_digest().parse().ok()?;
+        let take = usize::try_from(entry.blob_size)
+            .unwrap_or(usize::MAX)
+            .min(rest.len());
+        let (bytes, after) = rest.split_at(take);
+        rest = after;
+        blobs
+            .0
+            .entry(digest.clone())
+            .or_insert_with(|| bytes.to_vec());
+        layers.push(serde_json::json!({
+            "mediaType": MEDIA_TYPE_BLOB,
+            "digest": digest.to_string(),
+            "size": entry.blob_size,
+        }));
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": OciDigest::of(b"{}").to_string(),
+            "size": 2,
+        },
+        "layers": layers,
+    });
+    let text = serde_json::to_vec(&manifest).ok()?;
+    let parsed = serde_json::from_slice(&text).ok()?;
+    Some((OciDigest::of(&text), parsed, blobs))
+}
+
+/// Blobs held in memory, by digest: a read past a blob's end fails, as a
+/// registry's would.
+#[derive(Default)]
+struct MemoryBlobs(std::collections::HashMap<OciDigest, Vec<u8>>);
+
+impl BlobSource for MemoryBlobs {
+    fn read_range(
+        &self,
+        digest: &OciDigest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, SourceError> {
+        let fail = |detail: &str| SourceError {
+            digest: digest.to_string(),
+            offset,
+            len,
+            source_name: self.name(),
+            detail: detail.to_owned(),
+        };
+        let blob = self.0.get(digest).ok_or_else(|| fail("no such blob"))?;
+        let start = usize::try_from(offset).map_err(|_| fail("offset too large"))?;
+        let end = start
+            .checked_add(usize::try_from(len).map_err(|_| fail("length too large"))?)
+            .ok_or_else(|| fail("range overflows"))?;
+        blob.get(start..end)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| fail("range past the end of the blob"))
+    }
+
+    fn name(&self) -> String {
+        "fuzz input".to_owned()
     }
 }

@@ -164,6 +164,42 @@ fn parse_raw(data: &[u8]) -> Option<ChunkTableInput> {
     })
 }
 
+/// `image` target input: `bootstrap_len: u32 LE`, the uncompressed
+/// bootstrap, then the bytes of the blobs the bootstrap lists, one after
+/// another in its blob table's order, each as long as the table says (the
+/// last ones may be cut short: reads past what is there fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInput<'a> {
+    /// The bootstrap, uncompressed (the harness stores it as an image does).
+    pub bootstrap: &'a [u8],
+    /// The blobs, concatenated.
+    pub blobs: &'a [u8],
+}
+
+impl<'a> ImageInput<'a> {
+    /// Reads an input; `None` if it is too short for its header or its
+    /// bootstrap length.
+    pub fn parse(data: &'a [u8]) -> Option<Self> {
+        let (len, rest) = split_array::<4>(data)?;
+        let len = usize::try_from(u32::from_le_bytes(len)).ok()?;
+        let bootstrap = rest.get(..len)?;
+        Some(ImageInput {
+            bootstrap,
+            blobs: &rest[len..],
+        })
+    }
+
+    /// Writes an input that [`Self::parse`] reads back as `bootstrap` and
+    /// `blobs`; `None` if the bootstrap is 4 GiB or more.
+    pub fn encode(bootstrap: &[u8], blobs: &[&[u8]]) -> Option<Vec<u8>> {
+        let len = u32::try_from(bootstrap.len()).ok()?;
+        let mut out = len.to_le_bytes().to_vec();
+        out.extend_from_slice(bootstrap);
+        blobs.iter().for_each(|blob| out.extend_from_slice(blob));
+        Some(out)
+    }
+}
+
 fn split_array<const N: usize>(data: &[u8]) -> Option<([u8; N], &[u8])> {
     let (head, rest) = data.split_first_chunk::<N>()?;
     Some((*head, rest))
@@ -229,5 +265,18 @@ mod tests {
         );
         let checksum = DigestAlgo::Blake3.digest(&trailer[..TRAILER_CHECKSUM_AT]);
         assert_eq!(&trailer[TRAILER_CHECKSUM_AT..], checksum.bytes());
+    }
+
+    #[test]
+    fn image_input_round_trips() {
+        let encoded = ImageInput::encode(b"boot", &[b"ab", b"cde"]).unwrap();
+        assert_eq!(
+            ImageInput::parse(&encoded),
+            Some(ImageInput {
+                bootstrap: b"boot",
+                blobs: b"abcde"
+            })
+        );
+        assert_eq!(ImageInput::parse(&[9, 0, 0, 0, 1]), None);
     }
 }

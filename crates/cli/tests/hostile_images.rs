@@ -316,6 +316,46 @@ fn nonzero_reserved_bytes_before_the_superblock_were_accepted() {
         .mentions(&["reserved byte 500"]);
 }
 
+/// Regression: a chunk-based inode may name its own chunk size in EROFS,
+/// and readers took the bootstrap's for every file. A file of three 1 MiB
+/// chunks whose inode claimed 2 MiB chunks passed `check`, and `unpack`
+/// wrote two chunks and zeros where the third belonged (while the kernel,
+/// reading the inode's chunk size, showed other bytes).
+#[test]
+fn inode_chunk_size_differing_from_the_bootstrap_was_accepted() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("tree");
+    write_file(&tree.join("big"), &noise(7, (5 << 20) / 2));
+    let layout = work.path().join("layout");
+    build(&tree, &oci(&layout, "t"), &["--chunk-size", "1M"]);
+    let mut raw = raw_bootstrap(&layout);
+    let at = inode_field_offset(&raw, b"big", INODE_I_U);
+    raw[at] += 1; // chunk bits: 2 MiB instead of 1 MiB
+    let image = resign_bootstrap(&layout, &raw);
+    darter(["check", &image])
+        .refuses()
+        .mentions(&["differs from the image's"]);
+    darter_to_dir("unpack", &image, &work.path().join("out"))
+        .refuses()
+        .mentions(&["differs from the image's"]);
+}
+
+/// Where `i_u` (chunk format, block address or device number) lies in an
+/// EROFS inode, compact or extended.
+const INODE_I_U: usize = 16;
+
+/// The offset in `raw` of byte `field` of the inode of `name` in the root
+/// directory.
+fn inode_field_offset(raw: &[u8], name: &[u8], field: usize) -> usize {
+    let bootstrap = darter_format::bootstrap::Bootstrap::open(raw).unwrap();
+    let erofs = bootstrap.erofs();
+    let root = erofs.inode(erofs.root_nid()).unwrap();
+    let entry = erofs.lookup(&root, name).unwrap().unwrap();
+    let sb = erofs.superblock();
+    let start = (u64::from(sb.meta_blkaddr) << sb.blkszbits) + (entry.nid << 5);
+    usize::try_from(start).unwrap() + field
+}
+
 /// Whatever byte of a (re-signed) bootstrap is flipped, no command
 /// panics; any flip in the Darter header area is refused; and when
 /// `check` calls an image sound, `unpack` writes it out.

@@ -261,7 +261,7 @@ impl<R: ReadAt> Bootstrap<R> {
                 source,
             })?;
         let blobs = decode_blob_table(&ext, chunk_size_bits)?;
-        let erofs = Erofs::open(r)?;
+        let erofs = Erofs::open(r)?.with_uniform_chunk_bits(u32::from(chunk_size_bits));
         let info = BootstrapInfo {
             digest_algo,
             chunk_size_bits,

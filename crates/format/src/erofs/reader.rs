@@ -148,6 +148,9 @@ pub struct Erofs<R> {
     devices: Vec<DeviceSlot>,
     size: u64,
     bs: u64,
+    /// The chunk size (log2) every chunk-based inode must use, when the
+    /// image promises one (a Darter bootstrap does).
+    uniform_chunk_bits: Option<u32>,
 }
 
 impl<R: ReadAt> Erofs<R> {
@@ -201,9 +204,19 @@ impl<R: ReadAt> Erofs<R> {
             devices,
             size,
             bs,
+            uniform_chunk_bits: None,
         };
         image.inode(image.root_nid())?;
         Ok(image)
+    }
+
+    /// Makes every chunk-based inode with a chunk size other than
+    /// `2^chunk_bits` corrupt. EROFS lets each inode choose; readers that
+    /// place chunk `n` at `n << chunk_bits` for every file (and a
+    /// kernel-mounted tree that must show the same bytes) need them equal.
+    pub fn with_uniform_chunk_bits(mut self, chunk_bits: u32) -> Self {
+        self.uniform_chunk_bits = Some(chunk_bits);
+        self
     }
 
     /// The superblock.
@@ -336,8 +349,16 @@ impl<R: ReadAt> Erofs<R> {
                 if format & !u32::from(CHUNK_FORMAT_BLKBITS_MASK | CHUNK_FORMAT_INDEXES) != 0 {
                     return Err(bad(format!("unknown chunk format {format:#x}")));
                 }
-                if inode.chunk_bits(self.sb.blkszbits) > 40 {
+                let chunk_bits = inode.chunk_bits(self.sb.blkszbits);
+                if chunk_bits > 40 {
                     return Err(bad("chunk size above 1 TiB".into()));
+                }
+                if let Some(uniform) = self.uniform_chunk_bits
+                    && chunk_bits != uniform
+                {
+                    return Err(bad(format!(
+                        "chunk size 2^{chunk_bits} differs from the image's 2^{uniform}"
+                    )));
                 }
             }
             DataLayout::FlatPlain | DataLayout::FlatInline
