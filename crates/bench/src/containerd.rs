@@ -73,6 +73,7 @@ impl Containerd {
             proxy_snapshotters: &proxies,
             parent: Some(dir),
             command_prefix: bed.client_prefix(),
+            cri: None,
         })
         .with_context(|| format!("starting containerd in {}", dir.display()))?;
         Ok(Containerd {
@@ -161,7 +162,7 @@ impl Containerd {
 
 /// `darter snapshotter` in the client's namespace (so its lazy mounts
 /// fetch through the link), with a chunk cache of its own. Dropping it
-/// kills it and undoes its lazy mounts (their daemons exit).
+/// kills it and its node daemon, and undoes its lazy mounts.
 #[derive(Debug)]
 pub struct DarterSnapshotter {
     dir: PathBuf,

@@ -60,7 +60,8 @@ pub struct DarterMount {
 }
 
 impl DarterMount {
-    /// `darter mount -d IMAGE MOUNTPOINT --cache CACHE`.
+    /// `darter mount -d IMAGE MOUNTPOINT --cache CACHE --socket
+    /// MOUNTPOINT.sock`: a node daemon of its own, with this cache.
     pub fn daemon(
         darter: &Darter,
         image: &str,
@@ -72,7 +73,17 @@ impl DarterMount {
             watcher,
             started,
             log_path,
-        } = start_mount(darter, image, mountpoint, cache, &["-d"])?;
+        } = start_mount(
+            darter,
+            image,
+            mountpoint,
+            cache,
+            &[
+                "-d".as_ref(),
+                "--socket".as_ref(),
+                node_socket(mountpoint).as_os_str(),
+            ],
+        )?;
         let status = wait_for_exit(child.child(), MOUNT_TIMEOUT);
         let to_return = started.elapsed();
         // Kills `darter mount -d` if it hangs (the daemon has its own
@@ -176,10 +187,16 @@ impl DarterMount {
         Ok(())
     }
 
-    /// Unmounts and waits for the daemon to exit.
+    /// Unmounts and waits for the daemon to exit (a node daemon, which
+    /// outlives its mounts, is told to with SIGTERM).
     pub fn unmount(mut self) -> anyhow::Result<()> {
         self.unmounted = true;
         unmount_busy_aware(&self.mountpoint)?;
+        if self.foreground.is_none()
+            && let Some(pid) = rustix::process::Pid::from_raw(self.daemon_pid as i32)
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
         self.wait_for_daemon_exit()
     }
 
@@ -211,7 +228,8 @@ impl Drop for DarterMount {
         force_unmount(&self.mountpoint);
         // A daemon that never served is not known by pid: find it by its
         // command line. (A foreground child is also reaped by its guard.)
-        kill_daemons(|arg| arg == self.mountpoint);
+        let socket = node_socket(&self.mountpoint);
+        kill_daemons(|arg| arg == self.mountpoint || arg == socket);
     }
 }
 
@@ -237,6 +255,11 @@ struct Started {
     log_path: PathBuf,
 }
 
+/// The node daemon socket of a detached mount at `mountpoint`.
+pub fn node_socket(mountpoint: &Path) -> PathBuf {
+    mountpoint.with_extension("sock")
+}
+
 /// Starts `darter mount IMAGE MOUNTPOINT --cache CACHE EXTRA...` with its
 /// stderr in `MOUNTPOINT.log`.
 fn start_mount(
@@ -244,7 +267,7 @@ fn start_mount(
     image: &str,
     mountpoint: &Path,
     cache: &Path,
-    extra: &[&str],
+    extra: &[&std::ffi::OsStr],
 ) -> anyhow::Result<Started> {
     let log_path = mountpoint.with_extension("log");
     let log = std::fs::File::create(&log_path)
@@ -418,9 +441,9 @@ fn wait_for_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     }
 }
 
-/// SIGKILLs every `darter mount` process with an argument for which
+/// SIGKILLs every `darter mount` or `darter daemon` process with an argument for which
 /// `matches` holds (its mountpoint, or a path below the work directory).
-fn kill_daemons(matches: impl Fn(&Path) -> bool) {
+pub fn kill_daemons(matches: impl Fn(&Path) -> bool) {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return;
     };
@@ -438,8 +461,8 @@ fn kill_daemons(matches: impl Fn(&Path) -> bool) {
     }
 }
 
-/// Whether a NUL-separated command line is `.../darter mount ...` with an
-/// argument `matches` accepts.
+/// Whether a NUL-separated command line is `.../darter mount ...` or
+/// `.../darter daemon ...` with an argument `matches` accepts.
 fn is_darter_mount_of(cmdline: &[u8], matches: impl Fn(&Path) -> bool) -> bool {
     let args: Vec<&Path> = cmdline
         .split(|b| *b == 0)
@@ -449,7 +472,9 @@ fn is_darter_mount_of(cmdline: &[u8], matches: impl Fn(&Path) -> bool) -> bool {
         .first()
         .is_some_and(|exe| exe.file_name().is_some_and(|n| n == "darter"));
     darter
-        && args.get(1).is_some_and(|a| *a == Path::new("mount"))
+        && args
+            .get(1)
+            .is_some_and(|a| *a == Path::new("mount") || *a == Path::new("daemon"))
         && args[2..].iter().any(|a| matches(a))
 }
 

@@ -15,7 +15,7 @@ use darter_testkit::process::MountGuard;
 
 use crate::containerd::{Containerd, Rootfs};
 use crate::model::ScenarioReport;
-use crate::mount::{MountStats, force_unmount};
+use crate::mount::{MountStats, force_unmount, kill_daemons, node_socket};
 use crate::netbed::NetBed;
 use crate::opened::{opened_by, resolve_in_root};
 use crate::scenario::{Bench, Scenario};
@@ -228,7 +228,8 @@ pub struct ClientMount {
 }
 
 impl ClientMount {
-    /// `darter mount REFERENCE MOUNTPOINT -d --plain-http --cache CACHE`,
+    /// `darter mount REFERENCE MOUNTPOINT -d --plain-http --cache CACHE`
+    /// with a node daemon of its own (`--socket MOUNTPOINT.sock`),
     /// returning once it serves.
     pub fn mount(
         bed: &NetBed,
@@ -248,7 +249,9 @@ impl ClientMount {
             .arg(reference)
             .arg(mountpoint)
             .args(["-d", "--plain-http", "--cache"])
-            .arg(cache);
+            .arg(cache)
+            .arg("--socket")
+            .arg(node_socket(mountpoint));
         tools::output(&mut bed.client(&mount))?;
         Ok(guarded)
     }
@@ -267,11 +270,15 @@ impl ClientMount {
         serde_json::from_value(value).context("reading darter stats --json")
     }
 
-    /// Unmounts and waits for the daemon to exit.
+    /// Unmounts, stops the node daemon (which outlives its mounts) and
+    /// waits for it to exit.
     pub fn unmount(mut self) -> anyhow::Result<()> {
         let pid = self.stats()?.pid;
         self.unmounted = true;
         force_unmount(&self.mountpoint);
+        if let Some(daemon) = rustix::process::Pid::from_raw(pid as i32) {
+            let _ = rustix::process::kill_process(daemon, rustix::process::Signal::TERM);
+        }
         let deadline = Instant::now() + DAEMON_EXIT_TIMEOUT;
         while alive(pid) {
             if Instant::now() > deadline {
@@ -297,6 +304,8 @@ impl Drop for ClientMount {
     fn drop(&mut self) {
         if !self.unmounted {
             force_unmount(&self.mountpoint);
+            let socket = node_socket(&self.mountpoint);
+            kill_daemons(|arg| arg == socket);
         }
     }
 }

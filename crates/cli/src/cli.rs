@@ -49,6 +49,10 @@ pub enum Command {
     Copy(CopyArgs),
     /// Mount an image read-only, fetching only the chunks that are read.
     Mount(MountArgs),
+    /// Unmount an image the node daemon serves (`umount DIR` works too).
+    Unmount(UnmountArgs),
+    /// Run the node daemon until SIGINT or SIGTERM: one process serving every lazy mount of the node (`mount -d` and the snapshotter use it), with one chunk cache and registry client.
+    Daemon(DaemonArgs),
     /// Show a mount's live counters.
     Stats(StatsArgs),
     /// Manage the shared chunk cache.
@@ -152,10 +156,13 @@ pub struct MountArgs {
     /// Prefetch: none (default) or all (fill the cache in the background; reads go first).
     #[arg(long, value_name = "MODE")]
     pub prefetch: Option<String>,
-    /// Return once the mount is ready, leaving the daemon running.
+    /// Have the node daemon serve the mount (starting `darter daemon` if none answers on --socket) and return once it serves. Without it, this process serves the mount until it is unmounted (the one-off form).
     #[arg(short = 'd', long)]
     pub daemon: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// The node daemon's API socket (with -d; default: the daemon of the chunk cache, /run/darter/daemon.sock for root's default cache, else under $XDG_RUNTIME_DIR).
+    #[arg(long, value_name = "PATH", requires = "daemon")]
+    pub socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (with -d: if this starts the node daemon).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// FUSE request threads (default 4).
@@ -170,6 +177,30 @@ pub struct MountArgs {
     /// Take over the mount at MOUNTPOINT, whose device the keeper holds, instead of mounting (a restarted daemon).
     #[arg(long, requires = "keeper")]
     pub takeover: bool,
+}
+
+/// `darter unmount`.
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    /// The mountpoint.
+    pub mountpoint: PathBuf,
+    /// The node daemon's API socket (default: the one serving the mount).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+}
+
+/// `darter daemon`.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// The API socket to serve (mode 0600; default /run/darter/daemon.sock for root, else under $XDG_RUNTIME_DIR).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Chunk cache directory, shared by all mounts (default as for `mount`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Serve Prometheus metrics of every mount at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `darter stats`.

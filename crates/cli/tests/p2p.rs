@@ -5,7 +5,8 @@
 //! corrupts a piece is caught, reported and no longer chosen; with the
 //! scheduler dead, peers still complete from the origin, and after its
 //! restart it relearns what peers hold; a parent that stalls mid-piece and
-//! is killed costs only a retry at another parent.
+//! is killed costs only a retry at another parent; a client reading a blob
+//! in ranges costs one upstream admission `HEAD`, not one per range.
 
 // Helpers are test code too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -44,6 +45,19 @@ fn seeded_cluster(blob_seed: u64, names: &[&str]) -> (Cluster, String, Peer, Vec
     let peers: Vec<Peer> = names.iter().map(|n| cluster.peer(n, false)).collect();
     cluster.wait_peers(names.len() + 1);
     (cluster, digest, seed, peers)
+}
+
+/// A registered peer whose upstream is `proxy`.
+fn peer_behind(cluster: &Cluster, proxy: &FaultProxy) -> Peer {
+    let peer = cluster.peer_with(
+        "a",
+        PeerSpec {
+            upstream: Some(proxy.addr()),
+            ..PeerSpec::default()
+        },
+    );
+    cluster.wait_peers(1);
+    peer
 }
 
 fn assert_correct(fetched: &Fetched, digest: &str) {
@@ -254,6 +268,51 @@ fn the_mirror_serves_blobs_only_to_clients_the_registry_admits_and_passes_creden
 }
 
 #[test]
+fn range_reads_of_one_blob_by_one_client_cost_one_upstream_head_and_refusals_are_not_remembered() {
+    let users = vec![("alice".to_owned(), "wonderland".to_owned())];
+    let cluster = Cluster::with_registry(TestRegistry::start_with(&RegistryAuth::Htpasswd(users)));
+    let data = random_blob(8);
+    let digest = push_blob(
+        &cluster.registry,
+        REPOSITORY,
+        data.clone(),
+        Some(("alice", "wonderland")),
+    );
+    let proxy = FaultProxy::start(cluster.registry.addr());
+    let peer = peer_behind(&cluster, &proxy);
+    let blob = format!("/v2/{REPOSITORY}/blobs/{digest}");
+    let heads = || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.method == "HEAD" && r.path == blob)
+            .count()
+    };
+    let alice = "Authorization: Basic YWxpY2U6d29uZGVybGFuZA==".to_owned();
+    let wrong_password = "Authorization: Basic YWxpY2U6d3Jvbmc=".to_owned();
+
+    // A refusal is asked about again every time.
+    for (n, headers) in [vec![wrong_password.clone()], vec![wrong_password], vec![]]
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(peer.get(&blob, &headers).status, 401, "{headers:?}");
+        assert_eq!(heads(), n + 1);
+    }
+    assert_eq!(peer.counter("bytes_served_to_clients"), 0);
+
+    // An admitted client reading in ranges: one HEAD for all of them.
+    for i in 0..6 {
+        let (start, end) = (i * 7 * (1 << 20) + 17, i * 7 * (1 << 20) + 65_552);
+        let range = format!("Range: bytes={start}-{end}");
+        let ranged = peer.get(&blob, &[alice.clone(), range]);
+        assert_eq!(ranged.status, 206, "{ranged:?}");
+        assert_eq!(ranged.digest, sha256_digest(&data[start..=end]));
+    }
+    assert_eq!(heads(), 4);
+}
+
+#[test]
 fn pieces_are_served_only_to_cluster_members_and_only_by_digest() {
     let cluster = Cluster::start();
     let peer = cluster.peer("a", false);
@@ -353,14 +412,7 @@ fn a_range_is_served_from_the_pieces_it_covers_before_the_rest_of_the_blob_arriv
         .path_contains("/blobs/")
         .times(usize::MAX),
     );
-    let a = cluster.peer_with(
-        "a",
-        PeerSpec {
-            upstream: Some(proxy.addr()),
-            ..PeerSpec::default()
-        },
-    );
-    cluster.wait_peers(1);
+    let a = peer_behind(&cluster, &proxy);
 
     // Bytes deep in the blob: their piece is fetched first and sent.
     let (start, end) = (12 * PIECE_SIZE + 1000, 12 * PIECE_SIZE + 99_999);

@@ -41,6 +41,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 struct Snapshotter {
     dir: PathBuf,
     process: ChildGuard,
+    /// The node daemon it started, killed after it.
+    _node_daemon: snapshotter_common::NodeDaemonsUnder,
 }
 
 impl Snapshotter {
@@ -87,6 +89,7 @@ impl Snapshotter {
         Snapshotter {
             dir: dir.to_path_buf(),
             process,
+            _node_daemon: snapshotter_common::NodeDaemonsUnder(Some(dir.join("root"))),
         }
     }
 
@@ -98,10 +101,15 @@ impl Snapshotter {
         self.dir.join("root")
     }
 
-    /// SIGKILL, and wait until it is gone.
+    /// SIGKILL, and wait until it is gone (its node daemon stays).
     fn kill(self) {
-        let Snapshotter { process, .. } = self;
+        let Snapshotter {
+            process,
+            mut _node_daemon,
+            ..
+        } = self;
         drop(process);
+        _node_daemon.0 = None;
     }
 
     /// SIGTERM; returns its exit status.
@@ -517,7 +525,7 @@ fn a_snapshotter_killed_mid_workload_restarts_consistent() {
 /// A Darter image in a registry, pulled with `darter pull` into a
 /// containerd whose `darter` snapshotter mounts it lazily. Declared in
 /// this order, they are dropped so that containers go first, then the lazy
-/// mounts (their daemons exit), then the snapshotter and its directory.
+/// mounts (and the node daemon), then the snapshotter and its directory.
 struct LazySetup {
     containerd: Containerd,
     _lazy_mounts: UnmountUnder,
@@ -605,15 +613,7 @@ impl LazySetup {
 
     /// `darter status --json` of the snapshotter.
     fn status(&self) -> darter_snapshotter::NodeStatus {
-        let root = self.snapshotter().root();
-        let out = common::darter([
-            "status".as_ref(),
-            "--json".as_ref(),
-            "--snapshotter-root".as_ref(),
-            root.as_os_str(),
-        ] as [&std::ffi::OsStr; 4])
-        .ok();
-        serde_json::from_str(&out.stdout).unwrap()
+        snapshotter_common::snapshotter_status(&self.snapshotter().root())
     }
 
     /// The one lazy mount below the snapshotter's root.
@@ -651,9 +651,12 @@ fn a_darter_image_runs_from_a_lazy_mount_and_removal_unmounts_it() {
         &["images", "rm", "--sync", &setup.reference],
     );
     assert_eq!(listed(&socket), Vec::<Listed>::new());
+    let node = darter_daemon::api::node_status(&setup.snapshotter().root().join("daemon.sock"))
+        .expect("the node daemon keeps running");
+    assert_eq!(node.pid, after_run.pid);
     assert!(
-        !darter_testkit::containerd::is_running(after_run.pid),
-        "the mount daemon has exited"
+        node.mounts.is_empty(),
+        "the node daemon forgot the mount: {node:?}"
     );
     assert_all_gone(
         &setup.snapshotter().root(),
@@ -754,8 +757,11 @@ fn a_restarted_snapshotter_mounts_its_remote_layers_again() {
 
     let daemon = mount_common::try_stats(&lazy).unwrap().pid;
 
-    // The snapshotter and its mount both gone, as after a reboot.
+    // The snapshotter, the node daemon and the mount all gone, as after a
+    // reboot.
     setup.snapshotter.take().unwrap().kill();
+    let pid = rustix::process::Pid::from_raw(daemon as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
     drop(darter_testkit::process::MountGuard::new(&lazy));
     wait_until(START_TIMEOUT, "the lazy mount and its daemon to go", || {
         mounts_under(&lazy).unwrap().is_empty() && !darter_testkit::containerd::is_running(daemon)

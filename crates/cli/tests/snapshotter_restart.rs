@@ -14,7 +14,6 @@ mod registry_common;
 mod snapshotter_common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,11 +25,11 @@ use darter_daemon::keeper::{Keeper, MountRecord};
 use darter_testkit::containerd::{Containerd, is_running};
 use darter_testkit::process::{ChildGuard, mounts_under, run, wait_until};
 use mount_common::{
-    BuiltImage, DAEMON_TIMEOUT, KERNEL_EROFS, Mounted, Work, noise_files, try_stats,
+    BuiltImage, DAEMON_TIMEOUT, KERNEL_EROFS, Mounted, Work, node_socket, noise_files, try_stats,
 };
 use rustix::process::{Pid, Signal};
 use sha2::{Digest as _, Sha256};
-use snapshotter_common::{DarterRegistry, UnmountUnder};
+use snapshotter_common::{DarterRegistry, UnmountUnder, start_snapshotter};
 
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -113,7 +112,8 @@ fn read_waits_for_a_takeover(frontend: &[&str]) {
         .arg(&mountpoint)
         .arg("--cache")
         .arg(&cache)
-        .args(["-d", "--takeover"])
+        .args(["-d", "--takeover", "--socket"])
+        .arg(node_socket(&cache))
         .args(&args);
     run(&mut takeover);
     assert_eq!(
@@ -124,11 +124,7 @@ fn read_waits_for_a_takeover(frontend: &[&str]) {
     let new = try_stats(&mountpoint).unwrap().pid;
     assert_ne!(new, old);
     drop(mounted);
-    wait_until(
-        DAEMON_TIMEOUT,
-        "the new daemon to end with its mount",
-        || !is_running(new),
-    );
+    stop_when_idle(&node_socket(&cache), new);
 }
 
 #[test]
@@ -167,7 +163,13 @@ fn a_request_the_killed_daemon_had_read_is_answered_by_the_next() {
     let image = docker(&proxy.host(), "test/resend:v1");
     let mountpoint = scratch.path("mnt");
     let cache = scratch.path("cache");
-    let keeper_args = ["--keeper", socket.to_str().unwrap()];
+    let node = node_socket(&cache);
+    let keeper_args = [
+        "--keeper",
+        socket.to_str().unwrap(),
+        "--socket",
+        node.to_str().unwrap(),
+    ];
     let spec = MountSpec {
         detach: true,
         extra: &keeper_args,
@@ -215,7 +217,25 @@ fn a_request_the_killed_daemon_had_read_is_answered_by_the_next() {
         .args(keeper_args);
     run(&mut takeover);
     assert_eq!(reader.join().unwrap().unwrap(), victim);
-    assert_ne!(try_stats(&mountpoint).unwrap().pid, old);
+    let new = try_stats(&mountpoint).unwrap().pid;
+    assert_ne!(new, old);
+    drop(mount);
+    stop_when_idle(&node, new);
+}
+
+/// The node daemon `pid` on `socket` forgets its mount once it is
+/// unmounted, and ends on SIGTERM (no mount left to unmount).
+#[track_caller]
+fn stop_when_idle(socket: &Path, pid: u32) {
+    wait_until(
+        DAEMON_TIMEOUT,
+        "the node daemon to forget the mount",
+        || darter_daemon::api::node_status(socket).is_ok_and(|s| s.mounts.is_empty()),
+    );
+    signal(pid, Signal::TERM);
+    wait_until(DAEMON_TIMEOUT, "the node daemon to end", || {
+        !is_running(pid)
+    });
 }
 
 /// The proxy plugin's name in containerd's config.
@@ -260,19 +280,38 @@ impl Setup {
             _registry: registry,
             reference,
         };
-        let address = setup.containerd.socket().as_os_str().to_owned();
+        let reference = setup.reference.clone();
+        setup.pull(&reference);
         setup
-            .scratch
+    }
+
+    /// `darter unpack` of the image into a new directory: the expected
+    /// tree.
+    fn unpack_expected(&self) -> PathBuf {
+        let expected = self.scratch.path("expected");
+        self.scratch
+            .darter([
+                "unpack".as_ref(),
+                self.reference.as_ref(),
+                expected.as_os_str(),
+            ] as [&std::ffi::OsStr; 3])
+            .ok();
+        expected
+    }
+
+    /// `darter pull IMAGE` into the test's containerd.
+    fn pull(&self, image: &str) {
+        let address = self.containerd.socket().as_os_str().to_owned();
+        self.scratch
             .darter([
                 "pull".as_ref(),
-                setup.reference.as_ref(),
+                image.as_ref(),
                 "--address".as_ref(),
                 address.as_os_str(),
                 "--namespace".as_ref(),
                 darter_testkit::containerd::NAMESPACE.as_ref(),
             ] as [&std::ffi::OsStr; 6])
             .ok();
-        setup
     }
 
     /// SIGKILLs the snapshotter and starts it again.
@@ -332,33 +371,6 @@ impl Setup {
     fn daemon(&self) -> u32 {
         try_stats(&self.lazy_mount()).unwrap().pid
     }
-}
-
-/// Starts `darter snapshotter` on `dir/snapshotter.sock` and `dir/root`,
-/// logging to `dir/snapshotter.log` (appending); returns once it serves.
-fn start_snapshotter(dir: &Path, config: &Path) -> ChildGuard {
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(dir.join("snapshotter.log"))
-        .unwrap();
-    let socket = dir.join("snapshotter.sock");
-    let _ = std::fs::remove_file(&socket);
-    let mut cmd = Command::new(DARTER);
-    cmd.args(["snapshotter", "--socket"])
-        .arg(&socket)
-        .arg("--root")
-        .arg(dir.join("root"))
-        .env("DARTER_CONFIG", config)
-        .env("DARTER_LOG", "info,darter_snapshotter=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    let snapshotter = ChildGuard::spawn(&mut cmd).unwrap();
-    wait_until(START_TIMEOUT, "darter snapshotter to serve", || {
-        std::os::unix::net::UnixStream::connect(&socket).is_ok()
-    });
-    snapshotter
 }
 
 /// sha256 of each regular file (by path in the image) chosen from the
@@ -566,15 +578,7 @@ fn restart_under_a_read(setup: &Setup, out: &Path, sig: Signal, tag: &str, file:
 #[test]
 fn a_container_reading_its_lazy_image_sees_no_error_when_the_daemon_restarts() {
     let mut setup = Setup::pulled();
-    let expected = setup.scratch.path("expected");
-    setup
-        .scratch
-        .darter([
-            "unpack".as_ref(),
-            setup.reference.as_ref(),
-            expected.as_os_str(),
-        ] as [&std::ffi::OsStr; 3])
-        .ok();
+    let expected = setup.unpack_expected();
     let library = python_library(&expected);
     let looped = hashes(&expected, &library, "email", 20);
     let unread = hashes(&expected, &library, "xmlrpc", 3);
@@ -620,9 +624,10 @@ fn a_container_reading_its_lazy_image_sees_no_error_when_the_daemon_restarts() {
     restart_under_a_read(&setup, &out, Signal::KILL, "adopted", file, want);
     loop_goes_on_without_error(&out, passes, 2);
 
-    // Removing the container and the image unmounts the lazy mount and
-    // ends its daemon.
+    // Removing the container and the image unmounts the lazy mount; the
+    // node daemon forgets it and keeps running.
     let daemon = setup.daemon();
+    let lazy = setup.lazy_mount();
     setup.ctr(&["task", "kill", "-s", "SIGKILL", container]);
     wait_until(START_TIMEOUT, "the container to stop", || {
         setup
@@ -633,15 +638,20 @@ fn a_container_reading_its_lazy_image_sees_no_error_when_the_daemon_restarts() {
     setup.ctr(&["task", "rm", container]);
     setup.ctr(&["containers", "rm", container]);
     setup.ctr(&["images", "rm", "--sync", &setup.reference]);
+    let node_socket = setup.root().join("daemon.sock");
     let gone = std::panic::catch_unwind(|| {
-        wait_until(DAEMON_TIMEOUT, "the daemon to end", || !is_running(daemon));
+        wait_until(DAEMON_TIMEOUT, "the daemon to forget the mount", || {
+            darter_daemon::api::node_status(&node_socket).is_ok_and(|s| s.mounts.is_empty())
+        });
     });
     assert!(
         gone.is_ok(),
-        "daemon {daemon} still runs; snapshotter log:\n{}\ncontainerd log:\n{}",
+        "daemon {daemon} still serves {}; snapshotter log:\n{}\ncontainerd log:\n{}",
+        lazy.display(),
         setup.log(),
         setup.containerd.log()
     );
+    assert!(is_running(daemon), "the node daemon keeps running");
     assert_eq!(
         mounts_under(setup.dir.path()).unwrap(),
         Vec::<PathBuf>::new()
@@ -652,4 +662,63 @@ fn a_container_reading_its_lazy_image_sees_no_error_when_the_daemon_restarts() {
     );
     let log = setup.log();
     assert!(!log.contains("cannot restart"), "{log}");
+}
+
+/// Two images lazily mounted by the snapshotter share one node daemon;
+/// SIGKILLed, it is replaced by ONE new daemon (the losses of both mounts
+/// start one), which takes both mounts over: they read right again.
+#[test]
+fn one_new_node_daemon_takes_every_lazy_mount_of_a_killed_one_over() {
+    let setup = Setup::pulled();
+    let second = setup.reference.replace(":darter", ":darter-small-chunks");
+    let source = registry_common::docker(&setup._registry.host(), "test/python:oci");
+    setup
+        .scratch
+        .build(&source, &second, &["--chunk-size", "256K"]);
+    setup.pull(&second);
+    let mounts = mounts_under(&setup.root()).unwrap();
+    assert_eq!(mounts.len(), 2, "two lazy mounts: {mounts:?}");
+    let old = try_stats(&mounts[0]).unwrap().pid;
+    assert_eq!(
+        try_stats(&mounts[1]).unwrap().pid,
+        old,
+        "one daemon serves both"
+    );
+
+    let expected = setup.unpack_expected();
+    let library = python_library(&expected);
+    let files = hashes(&expected, &library, "json", 5);
+    assert_eq!(files.len(), 5, "{library}");
+
+    signal(old, Signal::KILL);
+    wait_until(DAEMON_TIMEOUT, "the daemon to end", || !is_running(old));
+    let mut new = 0;
+    wait_until(START_TIMEOUT, "a new daemon to serve both mounts", || {
+        let pids: Vec<Option<u32>> = mounts.iter().map(|m| try_stats(m).map(|c| c.pid)).collect();
+        new = pids[0].unwrap_or(old);
+        pids.iter().all(|p| p.is_some_and(|p| p != old && p == new))
+    });
+    for mount in &mounts {
+        for (path, want) in &files {
+            let bytes = std::fs::read(mount.join(path.trim_start_matches('/'))).unwrap();
+            assert_eq!(
+                &hex::encode(Sha256::digest(&bytes)),
+                want,
+                "{path} in {}",
+                mount.display()
+            );
+        }
+    }
+    let daemons = snapshotter_common::node_daemons_under(setup.dir.path());
+    assert_eq!(
+        daemons.iter().map(|(pid, _)| *pid).collect::<Vec<_>>(),
+        vec![new],
+        "one new node daemon, not one per mount"
+    );
+    let log = setup.log();
+    assert_eq!(
+        log.matches("restarted a mount daemon").count(),
+        2,
+        "both mounts taken over:\n{log}"
+    );
 }

@@ -53,6 +53,10 @@ pub struct MountRecord {
     /// What the kernel offered the connection at FUSE_INIT, for a daemon
     /// taking it over to replay.
     pub abi: darter_fuse::KernelAbi,
+    /// The API socket of the node daemon serving it, where a restarted
+    /// daemon is to serve (None: a foreground `darter mount`).
+    #[serde(default)]
+    pub daemon_socket: Option<PathBuf>,
 }
 
 /// From a daemon to its keeper.
@@ -530,6 +534,7 @@ mod tests {
                 minor: 41,
                 capabilities: 1 << 35,
             },
+            daemon_socket: Some("/run/darter/daemon.sock".into()),
         }
     }
 

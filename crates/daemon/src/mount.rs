@@ -1,35 +1,34 @@
-//! One mount's lifecycle.
+//! One mount inside a daemon process: its FUSE session (mounted here, or
+//! taken over from the keeper), the kernel EROFS mount of the `erofs`
+//! frontend, the link to its keeper and its stats socket. What belongs to
+//! the process (signals, the cache directory, metrics, the node API) is in
+//! `node.rs`.
 
-use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
-use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StoreOptions};
+use darter_cache::{CacheDir, ChunkStore, Counted, Stats, StatsSnapshot, StoreOptions};
 use darter_fuse::{DarterFs, DevicesFs, FsOptions, prepare_mountpoint};
 use darter_image::{BlobSource, Image};
 use fuser::{MountOption, SessionACL};
 
 use crate::api::{StatsReport, socket_path};
+use crate::http;
 use crate::keeper::KeeperLink;
 use crate::kernel::{KernelMount, prepare_devices_dir};
-use crate::{http, metrics};
 
 /// Kernel readahead of a mount: one chunk, so sequential reads of a large
 /// file ask for whole chunks.
 const READAHEAD_KIB: u32 = 1024;
 
-/// How to run a mount.
+/// How to run one mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// The shared chunk cache directory.
-    pub cache_dir: PathBuf,
     /// Fetch the whole image in the background.
     pub prefetch_all: bool,
-    /// Serve Prometheus metrics here.
-    pub metrics_addr: Option<SocketAddr>,
     /// FUSE request threads.
     pub threads: usize,
     /// Chunk store tuning.
@@ -38,7 +37,7 @@ pub struct MountOptions {
     pub frontend: Frontend,
     /// The keeper to hand the mount's FUSE device to. Under a keeper,
     /// SIGINT/SIGTERM end the daemon without unmounting (a restart: the
-    /// keeper starts another daemon that takes the mount over).
+    /// keeper has another daemon take the mount over).
     pub keeper: Option<PathBuf>,
     /// Take over the mount already at the mountpoint, whose device the
     /// keeper holds, instead of mounting.
@@ -78,6 +77,12 @@ pub enum DaemonError {
     /// The taken-over FUSE connection cannot be served.
     #[error(transparent)]
     Takeover(#[from] darter_fuse::TakeoverError),
+    /// This process already serves (or is mounting) the mountpoint.
+    #[error("{} is already served by this daemon", mountpoint.display())]
+    AlreadyServed {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
     /// A takeover was asked for without a keeper.
     #[error("taking over {} needs a keeper", mountpoint.display())]
     TakeoverWithoutKeeper {
@@ -127,6 +132,13 @@ pub enum Frontend {
 }
 
 impl Frontend {
+    /// The frontend `--frontend` and the config file name so.
+    pub fn from_name(name: &str) -> Option<Frontend> {
+        [Frontend::Fuse, Frontend::Erofs]
+            .into_iter()
+            .find(|f| f.as_str() == name)
+    }
+
     /// The name `--frontend` and the config file take (as serialised).
     pub fn as_str(self) -> &'static str {
         match self {
@@ -136,21 +148,27 @@ impl Frontend {
     }
 }
 
-/// Opens `spec` (fetching the bootstrap, counted as backend traffic),
-/// mounts it at `mountpoint` (or takes the mount there over, see
-/// [`MountOptions::takeover`]) and serves it until it is unmounted or the
-/// process gets SIGINT/SIGTERM (which unmount cleanly, unless a keeper
-/// keeps the mount). `ready` runs once the mount answers requests.
-pub fn mount<S: BlobSource + 'static>(
+/// Called once when a mount's session has ended (unmounted), with the
+/// mount.
+pub(crate) type OnEnd = Box<dyn FnOnce(&Arc<Running>) + Send>;
+
+/// Opens `spec` (fetching the bootstrap, counted as backend traffic) with
+/// the chunk cache `cache`, mounts it at `mountpoint` (or takes the mount
+/// there over, see [`MountOptions::takeover`]) and returns once it serves;
+/// the session runs on threads of its own until it is unmounted, and then
+/// `on_end` runs. `daemon_socket` is the node API socket of this process,
+/// recorded with the keeper.
+pub(crate) fn start<S: BlobSource + 'static>(
     spec: ImageSpec<S>,
     mountpoint: &Path,
     opts: &MountOptions,
-    ready: impl FnOnce(),
-) -> Result<(), DaemonError> {
+    cache: CacheDir,
+    daemon_socket: Option<&Path>,
+    on_end: OnEnd,
+) -> Result<Arc<Running>, DaemonError> {
     if !opts.takeover {
         prepare_mountpoint(mountpoint)?;
     }
-    let disk = CacheDir::open(&opts.cache_dir)?;
     let stats = Arc::new(Stats::default());
     let image = Image::open(
         spec.digest,
@@ -159,40 +177,142 @@ pub fn mount<S: BlobSource + 'static>(
     )?;
     let store = Arc::new(ChunkStore::new(
         Arc::new(image),
-        Some(disk),
+        Some(cache),
         opts.store,
         stats,
     ));
-    let mount = Mount {
-        name: spec.name,
-        mountpoint: mountpoint.to_owned(),
-        store,
-    };
-    match opts.frontend {
+    let config = |kind: &str| fuse_config(&spec.name, opts, kind);
+    let (session, kernel) = match opts.frontend {
         Frontend::Fuse => {
-            let fs = DarterFs::new(mount.store.clone(), FsOptions::default());
+            let fs = DarterFs::new(store.clone(), FsOptions::default());
             let abi = fs.abi_slot();
-            let config = mount.fuse_config(opts, "");
-            let session = Served::start(fs, &abi, mountpoint, mountpoint, &config, opts)?;
-            mount.serve(session, None, opts, ready)
+            let session = Served::start(fs, &abi, mountpoint, mountpoint, &config(""), opts)?;
+            (session, None)
         }
         Frontend::Erofs => {
             let devices = crate::api::devices_dir(mountpoint);
             if !opts.takeover {
                 prepare_devices_dir(&devices)?;
             }
-            let fs = DevicesFs::new(mount.store.clone());
+            let fs = DevicesFs::new(store.clone());
             let abi = fs.abi_slot();
-            let config = mount.fuse_config(opts, "devices:");
-            let session = Served::start(fs, &abi, &devices, mountpoint, &config, opts)?;
+            let session = Served::start(fs, &abi, &devices, mountpoint, &config("devices:"), opts)?;
             let kernel = KernelMount {
                 devices,
                 mountpoint: mountpoint.to_owned(),
-                blob_count: mount.store.image().blobs().len(),
+                blob_count: store.image().blobs().len(),
             };
-            mount.serve(session, Some(kernel), opts, ready)
+            (session, Some(kernel))
+        }
+    };
+    let Served {
+        run,
+        unmounter,
+        device,
+        abi,
+        taken_over,
+    } = session;
+    // Unmounted in this order: the kernel mount holds its devices.
+    let unmount_order: Vec<PathBuf> = std::iter::once(mountpoint.to_owned())
+        .chain(kernel.as_ref().map(|k| k.devices.clone()))
+        .collect();
+    let running = Arc::new(Running {
+        image: spec.name,
+        mountpoint: mountpoint.to_owned(),
+        frontend: opts.frontend,
+        keeper: opts.keeper.clone(),
+        daemon_socket: daemon_socket.map(Path::to_owned),
+        started: Instant::now(),
+        stats: Box::new({
+            let store = store.clone();
+            move || store.stats()
+        }),
+        stop_store: Box::new({
+            let store = store.clone();
+            move || store.stop()
+        }),
+        socket: socket_path(mountpoint),
+        unmount_order,
+        unmounter: Mutex::new(unmounter),
+        link: Mutex::new(None),
+        finished: Once::new(),
+        ended: Mutex::new(None),
+        ended_changed: Condvar::new(),
+    });
+    fetch_chunk_tables(&store);
+    let serving = running.clone();
+    let devices = kernel.as_ref().map(|k| k.devices.clone());
+    let recorded_devices = devices.clone();
+    std::thread::Builder::new()
+        .name("darter-session".into())
+        .spawn(move || {
+            let served = run();
+            serving.session_ended(served, devices.as_deref());
+            on_end(&serving);
+        })
+        .map_err(|source| DaemonError::Io {
+            op: "start serving",
+            what: mountpoint.display().to_string(),
+            source,
+        })?;
+    if let Some(kernel) = kernel {
+        let mounted = if taken_over { Ok(()) } else { kernel.mount() };
+        if let Err(e) = mounted {
+            running.unmount_path(&kernel.devices);
+            running.wait_ended(None);
+            return Err(e);
+        }
+        let watcher = running.clone();
+        let watched = kernel.devices.clone();
+        kernel.watch_unmount(move || {
+            tracing::info!("the kernel mount is gone; unmounting its devices");
+            watcher.unmount_path(&watched);
+        });
+    }
+    if let Some(keeper) = opts.keeper.as_deref() {
+        let record = crate::keeper::MountRecord {
+            mountpoint: mountpoint.to_owned(),
+            image: running.image.clone(),
+            frontend: opts.frontend,
+            devices: recorded_devices,
+            pid: std::process::id(),
+            abi,
+            daemon_socket: daemon_socket.map(Path::to_owned),
+        };
+        *running.link.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(KeeperLink::start(keeper, record, device));
+    }
+    match bind_stats_socket(&running.socket) {
+        Ok(listener) => spawn_stats_api(listener, running.clone()),
+        Err(e) => {
+            running.unmount();
+            return Err(e);
         }
     }
+    if opts.prefetch_all {
+        std::thread::spawn(move || store.prefetch_all());
+    }
+    tracing::info!(image = %running.image, mountpoint = %mountpoint.display(), "mounted");
+    Ok(running)
+}
+
+fn fuse_config(name: &str, opts: &MountOptions, kind: &str) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("darter:{kind}{name}")),
+        MountOption::Subtype("darter".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Dev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    // A cloned device is a file of its own, and a daemon's death ends
+    // (ECONNABORTED) the requests read through it: under a keeper
+    // every thread reads the one device the keeper holds a copy of.
+    config.clone_fd = opts.keeper.is_none();
+    config
 }
 
 fn start_session<FS: fuser::Filesystem>(
@@ -274,341 +394,174 @@ impl Served {
     }
 }
 
-/// One image being mounted.
-struct Mount<S> {
-    name: String,
-    mountpoint: PathBuf,
-    store: Arc<ChunkStore<S>>,
-}
-
-impl<S: BlobSource + 'static> Mount<S> {
-    fn fuse_config(&self, opts: &MountOptions, kind: &str) -> fuser::Config {
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(format!("darter:{kind}{}", self.name)),
-            MountOption::Subtype("darter".into()),
-            MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
-        ];
-        config.acl = SessionACL::All;
-        config.n_threads = Some(opts.threads.max(1));
-        // A cloned device is a file of its own, and a daemon's death ends
-        // (ECONNABORTED) the requests read through it: under a keeper
-        // every thread reads the one device the keeper holds a copy of.
-        config.clone_fd = opts.keeper.is_none();
-        config
-    }
-
-    /// Serves `session` (at the mountpoint, or at the devices directory
-    /// under `kernel`'s EROFS mount) until it ends.
-    fn serve(
-        self,
-        session: Served,
-        kernel: Option<KernelMount>,
-        opts: &MountOptions,
-        ready: impl FnOnce(),
-    ) -> Result<(), DaemonError> {
-        let Served {
-            run,
-            unmounter,
-            device,
-            abi,
-            taken_over,
-        } = session;
-        let unmounter = Arc::new(Mutex::new(unmounter));
-        let socket = socket_path(&self.mountpoint);
-        let shutdown = Arc::new(Shutdown::new(
-            self.store.clone(),
-            socket.clone(),
-            self.mountpoint.clone(),
-        ));
-        // Unmounted in this order: the kernel mount holds its devices.
-        let unmount_order: Vec<PathBuf> = std::iter::once(self.mountpoint.clone())
-            .chain(kernel.as_ref().map(|k| k.devices.clone()))
-            .collect();
-        let on_signal = match opts.keeper {
-            Some(_) => OnSignal::LeaveMounted,
-            None => OnSignal::Unmount(unmount_order),
-        };
-        spawn_signal_handler(unmounter.clone(), shutdown.clone(), on_signal)?;
-        let keep = |devices: Option<PathBuf>| {
-            opts.keeper.as_deref().map(|keeper| {
-                let record = crate::keeper::MountRecord {
-                    mountpoint: self.mountpoint.clone(),
-                    image: self.name.clone(),
-                    frontend: opts.frontend,
-                    devices,
-                    pid: std::process::id(),
-                    abi,
-                };
-                KeeperLink::start(keeper, record, device)
-            })
-        };
-        fetch_chunk_tables(&self.store);
-        let serve_error = |source| DaemonError::Io {
-            op: "serve",
-            what: self.mountpoint.display().to_string(),
-            source,
-        };
-        let result = match kernel {
-            None => {
-                let link = keep(None);
-                self.start_api(&socket, opts)?;
-                ready();
-                let served = run().map_err(serve_error);
-                link.inspect(KeeperLink::unmounted);
-                served
-            }
-            Some(kernel) => {
-                let serving = std::thread::spawn(run);
-                let mounted = if taken_over { Ok(()) } else { kernel.mount() };
-                if let Err(e) = mounted {
-                    unmount_when_idle(&unmounter, &kernel.devices);
-                    let _ = serving.join();
-                    let _ = std::fs::remove_dir(&kernel.devices);
-                    return Err(e);
-                }
-                let devices = kernel.devices.clone();
-                let link = keep(Some(devices.clone()));
-                let watched = devices.clone();
-                kernel.watch_unmount(move || {
-                    tracing::info!("the kernel mount is gone; unmounting its devices");
-                    unmount_when_idle(&unmounter, &watched);
-                });
-                self.start_api(&socket, opts)?;
-                ready();
-                let served = serving
-                    .join()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("the FUSE session panicked")))
-                    .map_err(serve_error);
-                link.inspect(KeeperLink::unmounted);
-                // Empty once the session has ended; nothing to do if not.
-                let _ = std::fs::remove_dir(&devices);
-                served
-            }
-        };
-        shutdown.mark_ended();
-        shutdown.finish();
-        result
-    }
-
-    /// The API socket and metrics, and the prefetcher: what tells the
-    /// world the mount is ready.
-    fn start_api(&self, socket: &Path, opts: &MountOptions) -> Result<(), DaemonError> {
-        let started = Instant::now();
-        let report: Reporter = {
-            let store = self.store.clone();
-            let (image, mountpoint) = (self.name.clone(), self.mountpoint.clone());
-            Arc::new(move || StatsReport {
-                image: image.clone(),
-                mountpoint: mountpoint.clone(),
-                pid: std::process::id(),
-                uptime_seconds: started.elapsed().as_secs_f64(),
-                stats: store.stats(),
-            })
-        };
-        spawn_api(bind_api(socket)?, report.clone());
-        if let Some(addr) = opts.metrics_addr {
-            let listener = TcpListener::bind(addr).map_err(|source| DaemonError::Io {
-                op: "listen on",
-                what: addr.to_string(),
-                source,
-            })?;
-            spawn_metrics(listener, report);
-        }
-        if opts.prefetch_all {
-            let store = self.store.clone();
-            std::thread::spawn(move || store.prefetch_all());
-        }
-        tracing::info!(image = %self.name, mountpoint = %self.mountpoint.display(), "mounted");
-        Ok(())
-    }
-}
-
-/// How long a daemon told to stop waits, once its mount is gone from its
-/// own mount namespace, for the kernel to end the FUSE session.
-const SESSION_END_WAIT: Duration = Duration::from_secs(2);
-
-/// The end of a mount's life: what is done once (stop the store, which
-/// writes out the queued cache writes; remove the API socket), and whether
-/// the session loop has returned.
-struct Shutdown<S> {
-    store: Arc<ChunkStore<S>>,
+/// A mount being served by this process.
+pub(crate) struct Running {
+    /// How the user named the image.
+    pub image: String,
+    pub mountpoint: PathBuf,
+    pub frontend: Frontend,
+    /// The keeper holding its device: a stop leaves it mounted.
+    pub keeper: Option<PathBuf>,
+    /// The node API socket of this process, if it serves one.
+    daemon_socket: Option<PathBuf>,
+    started: Instant,
+    stats: Box<dyn Fn() -> StatsSnapshot + Send + Sync>,
+    /// Stops the chunk store (writes out the queued cache writes).
+    stop_store: Box<dyn Fn() + Send + Sync>,
+    /// The mountpoint's stats socket.
     socket: PathBuf,
-    mountpoint: PathBuf,
+    /// The mountpoint, then the kernel frontend's devices directory.
+    unmount_order: Vec<PathBuf>,
+    unmounter: Mutex<fuser::SessionUnmounter>,
+    link: Mutex<Option<KeeperLink>>,
     finished: Once,
-    ended: Mutex<bool>,
+    /// The session's outcome, once it has ended.
+    ended: Mutex<Option<Result<(), String>>>,
     ended_changed: Condvar,
 }
 
-impl<S: BlobSource + 'static> Shutdown<S> {
-    fn new(store: Arc<ChunkStore<S>>, socket: PathBuf, mountpoint: PathBuf) -> Self {
-        Shutdown {
-            store,
-            socket,
-            mountpoint,
-            finished: Once::new(),
-            ended: Mutex::new(false),
-            ended_changed: Condvar::new(),
+impl Running {
+    /// The counters now.
+    pub fn report(&self) -> StatsReport {
+        StatsReport {
+            image: self.image.clone(),
+            mountpoint: self.mountpoint.clone(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            daemon_socket: self.daemon_socket.clone(),
+            stats: (self.stats)(),
         }
     }
 
-    fn finish(&self) {
+    /// Unmounts the mount (the devices after the kernel mount). See
+    /// [`unmount_when_idle`].
+    pub fn unmount(&self) -> Unmounted {
+        // Every path is unmounted, whatever became of the ones before.
+        let outcomes: Vec<Unmounted> = self
+            .unmount_order
+            .iter()
+            .map(|path| self.unmount_path(path))
+            .collect();
+        if outcomes.iter().all(|u| *u == Unmounted::Cleanly) {
+            Unmounted::Cleanly
+        } else {
+            Unmounted::Lazily
+        }
+    }
+
+    fn unmount_path(&self, path: &Path) -> Unmounted {
+        unmount_when_idle(&self.unmounter, path)
+    }
+
+    /// True if the session has ended within `timeout` (forever if None).
+    pub fn wait_ended(&self, timeout: Option<Duration>) -> bool {
+        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let still = |ended: &mut Option<_>| ended.is_none();
+        let ended = match timeout {
+            Some(timeout) => {
+                self.ended_changed
+                    .wait_timeout_while(ended, timeout, still)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => self
+                .ended_changed
+                .wait_while(ended, still)
+                .unwrap_or_else(|e| e.into_inner()),
+        };
+        ended.is_some()
+    }
+
+    /// How the session ended (None while it serves).
+    pub fn outcome(&self) -> Option<Result<(), String>> {
+        self.ended.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// What is done once at the end: stop the store, remove the stats
+    /// socket.
+    pub fn finish(&self) {
         self.finished.call_once(|| {
-            self.store.stop();
+            (self.stop_store)();
             let _ = std::fs::remove_file(&self.socket);
             tracing::info!(mountpoint = %self.mountpoint.display(), "unmounted");
         });
     }
 
-    fn mark_ended(&self) {
-        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        self.ended_changed.notify_all();
-    }
-
-    /// True if the session loop returned within `timeout`.
-    fn wait_ended(&self, timeout: Duration) -> bool {
-        let ended = self.ended.lock().unwrap_or_else(|e| e.into_inner());
-        let (ended, _) = self
-            .ended_changed
-            .wait_timeout_while(ended, timeout, |ended| !*ended)
-            .unwrap_or_else(|e| e.into_inner());
-        *ended
-    }
-
-    /// After a signal's clean unmount (a mount detached lazily because it
-    /// is in use keeps serving its users instead): the kernel ends the
-    /// session once the filesystem has no mount left anywhere. A copy of
-    /// the mount in another mount namespace (made by `unshare`, a container
-    /// runtime, `ip netns` while the mount existed) keeps it alive, and the
-    /// daemon would serve it forever although it was told to stop: stop
-    /// anyway. Exiting closes the FUSE connection, so such copies answer
-    /// ENOTCONN.
-    fn end_after_signal(&self) {
-        if self.wait_ended(SESSION_END_WAIT) {
-            return;
+    fn session_ended(&self, served: std::io::Result<()>, devices: Option<&Path>) {
+        if let Some(link) = self.link.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            link.unmounted();
         }
-        tracing::warn!(
-            mountpoint = %self.mountpoint.display(),
-            "the mount lives on in another mount namespace; stopping anyway"
-        );
+        if let Some(devices) = devices {
+            // Empty once the session has ended; nothing to do if not.
+            let _ = std::fs::remove_dir(devices);
+        }
+        if let Err(e) = &served {
+            tracing::error!(mountpoint = %self.mountpoint.display(), error = %e, "the FUSE session failed");
+        }
         self.finish();
-        std::process::exit(0);
+        let outcome = served.map_err(|e| format!("serving {}: {e}", self.mountpoint.display()));
+        *self.ended.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.ended_changed.notify_all();
     }
 }
 
-fn bind_api(socket: &Path) -> Result<UnixListener, DaemonError> {
-    let io = |op, source| DaemonError::Io {
+/// The stats socket, bound now (a socket left by a dead daemon for this
+/// mountpoint is replaced) and answered once the mount serves.
+fn bind_stats_socket(socket: &Path) -> Result<UnixListener, DaemonError> {
+    create_socket_dir(socket)?;
+    let _ = std::fs::remove_file(socket);
+    UnixListener::bind(socket).map_err(|e| socket_error("listen on", socket, e))
+}
+
+/// A socket operation's error, naming the socket.
+pub(crate) fn socket_error(op: &'static str, socket: &Path, source: std::io::Error) -> DaemonError {
+    DaemonError::Io {
         op,
         what: socket.display().to_string(),
         source,
-    };
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io("create directory for", e))?;
     }
-    // A socket left by a dead daemon for this mountpoint is replaced.
-    let _ = std::fs::remove_file(socket);
-    UnixListener::bind(socket).map_err(|e| io("listen on", e))
 }
 
-type Reporter = Arc<dyn Fn() -> StatsReport + Send + Sync>;
+/// Creates the directory `socket` goes in.
+pub(crate) fn create_socket_dir(socket: &Path) -> Result<(), DaemonError> {
+    match socket.parent() {
+        Some(dir) => std::fs::create_dir_all(dir)
+            .map_err(|e| socket_error("create directory for", socket, e)),
+        None => Ok(()),
+    }
+}
 
-fn spawn_api(listener: UnixListener, report: Reporter) {
+fn spawn_stats_api(listener: UnixListener, mount: Arc<Running>) {
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let report = report.clone();
-            std::thread::spawn(move || {
-                let answer = match http::read_get(&stream) {
-                    Ok(Some(path)) if path == "/stats" => {
-                        serde_json::to_vec(&report()).map(|b| ("200 OK", b)).ok()
-                    }
-                    Ok(Some(_)) => Some(("404 Not Found", b"{}".to_vec())),
-                    _ => Some(("400 Bad Request", b"{}".to_vec())),
-                };
-                if let Some((status, body)) = answer {
-                    let _ = http::respond(&stream, status, "application/json", &body);
-                }
-            });
-        }
-    });
-}
-
-fn spawn_metrics(listener: TcpListener, report: Reporter) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let report = report.clone();
-            std::thread::spawn(move || {
-                let (status, body) = match http::read_get(&stream) {
-                    Ok(Some(path)) if path == "/metrics" => ("200 OK", metrics::render(&report())),
-                    _ => ("404 Not Found", String::new()),
-                };
-                let _ = http::respond(
-                    &stream,
-                    status,
-                    "text/plain; version=0.0.4",
-                    body.as_bytes(),
-                );
-            });
-        }
-    });
-}
-
-/// What SIGINT and SIGTERM do.
-enum OnSignal {
-    /// Unmount these paths, in this order, which ends the session loop
-    /// cleanly.
-    Unmount(Vec<PathBuf>),
-    /// End the daemon and leave the mount to the keeper, which holds its
-    /// device and starts another daemon.
-    LeaveMounted,
-}
-
-fn spawn_signal_handler<S: BlobSource + 'static>(
-    unmounter: Arc<Mutex<fuser::SessionUnmounter>>,
-    shutdown: Arc<Shutdown<S>>,
-    on_signal: OnSignal,
-) -> Result<(), DaemonError> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).map_err(|source| {
-        DaemonError::Io {
-            op: "install",
-            what: "signal handlers".into(),
-            source,
-        }
-    })?;
-    std::thread::spawn(move || {
-        if let Some(sig) = signals.forever().next() {
-            let OnSignal::Unmount(unmount_order) = on_signal else {
-                tracing::info!(
-                    signal = sig,
-                    "stopping; the keeper keeps the mount for the next daemon"
-                );
-                shutdown.finish();
-                std::process::exit(0);
-            };
-            tracing::info!(signal = sig, "unmounting on signal");
-            // Every path is unmounted, whatever became of the ones before.
-            let outcomes: Vec<Unmounted> = unmount_order
-                .iter()
-                .map(|path| unmount_when_idle(&unmounter, path))
-                .collect();
-            if outcomes.iter().all(|u| *u == Unmounted::Cleanly) {
-                shutdown.end_after_signal();
+            if mount.outcome().is_some() {
+                return;
             }
+            let mount = mount.clone();
+            std::thread::spawn(move || {
+                let (status, body) = match http::read_request(&stream) {
+                    Ok(Some(r)) if r.method == "GET" && r.path == "/stats" => {
+                        match serde_json::to_vec(&mount.report()) {
+                            Ok(body) => ("200 OK", body),
+                            Err(_) => ("500 Internal Server Error", b"{}".to_vec()),
+                        }
+                    }
+                    Ok(Some(_)) => ("404 Not Found", b"{}".to_vec()),
+                    _ => ("400 Bad Request", b"{}".to_vec()),
+                };
+                let _ = http::respond(&stream, status, "application/json", &body);
+            });
         }
     });
-    Ok(())
 }
 
-/// How long an unmount on a signal waits for the mount to be idle.
+/// How long an unmount waits for the mount to be idle.
 const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(5);
 const UNMOUNT_RETRY: Duration = Duration::from_millis(20);
 
-/// How a signal's unmount went.
+/// How an unmount went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unmounted {
+pub(crate) enum Unmounted {
     /// Gone from this mount namespace.
     Cleanly,
     /// Still in use (open files, an overlay over it): detached, and served

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod http;
 mod metrics;
 mod mirror;

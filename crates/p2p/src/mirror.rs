@@ -3,7 +3,10 @@
 //! passed to the upstream registry with the client's credentials. Before a
 //! blob is served, the upstream registry is asked (`HEAD`, with the
 //! client's credentials) whether this client may read it, and how big it
-//! is. Bytes go out only after their piece is verified, and in a
+//! is; an admission stands for a minute for that client, repository and
+//! digest (`admission.rs`), so a client reading a blob in many ranges asks
+//! once. Bytes go out only after their piece is verified (on receipt;
+//! read back from the store, against the sum taken then), and in a
 //! whole-blob response the last ones only after the whole blob is: a
 //! failure aborts the response. A `Range` response is sent as soon as the
 //! pieces it covers are here (they are fetched first): its client cannot
@@ -12,6 +15,7 @@
 
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
@@ -21,10 +25,11 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::{debug, warn};
 
+use crate::admission::{AdmissionKey, Admissions};
 use crate::http::{Body, BodyError, channel_body, empty, requested_range, text};
 use crate::metrics::Counters;
 use crate::piece::BlobDigest;
-use crate::task::{Outcome, Peer, Task};
+use crate::task::{Origin, Outcome, Peer, Task};
 
 /// Request headers passed to the upstream registry.
 const FORWARDED_REQUEST_HEADERS: [header::HeaderName; 6] = [
@@ -57,91 +62,123 @@ fn blob_path(path: &str) -> Option<(&str, BlobDigest)> {
     valid_repository(repository).then_some((repository, digest))
 }
 
-/// The mirror's request handler.
-pub async fn handle(peer: Arc<Peer>, request: Request<Incoming>) -> Response<Body> {
-    let blob = blob_path(request.uri().path()).map(|(r, d)| (r.to_owned(), d));
-    match blob {
-        Some((repository, digest)) if request.method() == Method::GET => {
-            serve_blob(&peer, request, &repository, digest).await
-        }
-        _ => pass_through(&peer, &request).await,
-    }
+/// The mirror: the peer it serves blobs from, and the admissions the
+/// upstream registry gave its clients lately.
+#[derive(Debug)]
+pub struct Mirror {
+    peer: Arc<Peer>,
+    admissions: Admissions,
 }
 
-/// A blob GET, served P2P.
-async fn serve_blob(
-    peer: &Arc<Peer>,
-    request: Request<Incoming>,
-    repository: &str,
-    digest: BlobDigest,
-) -> Response<Body> {
-    let authorization = request.headers().get(header::AUTHORIZATION).cloned();
-    let origin = peer.origin(repository, &digest, authorization);
-    let size = match upstream_size(peer, &origin).await {
-        Ok(size) => size,
-        Err(reason) => {
-            debug!(%digest, reason, "upstream does not serve the blob to this client: passing through");
-            return pass_through(peer, &request).await;
+impl Mirror {
+    pub fn new(peer: Arc<Peer>) -> Mirror {
+        Mirror {
+            peer,
+            admissions: Admissions::default(),
         }
-    };
-    let range_header = request
-        .headers()
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok());
-    let Ok(range) = requested_range(range_header, size) else {
-        let mut response = text(416, "range not satisfiable\n");
-        insert(
-            &mut response,
-            header::CONTENT_RANGE,
-            &format!("bytes */{size}"),
-        );
-        return response;
-    };
-    let task = match peer.task(&digest, size, origin) {
-        Ok(task) if task.layout.size == size => task,
-        Ok(_) => return text(502, "the blob's size changed upstream\n"),
-        Err(error) => {
-            warn!(%digest, %error, "cannot serve the blob P2P: passing through");
-            return pass_through(peer, &request).await;
-        }
-    };
-    let (status, bytes) = match &range {
-        Some(range) => (StatusCode::PARTIAL_CONTENT, range.clone()),
-        None => (StatusCode::OK, 0..size),
-    };
-    let (sender, body) = channel_body();
-    let whole = range.is_none();
-    task.want(task.layout.pieces_of(&bytes));
-    tokio::spawn(stream_blob(
-        peer.clone(),
-        task,
-        bytes.clone(),
-        whole,
-        sender,
-    ));
-    let mut response = Response::new(body);
-    *response.status_mut() = status;
-    insert(
-        &mut response,
-        header::CONTENT_LENGTH,
-        &(bytes.end - bytes.start).to_string(),
-    );
-    insert(
-        &mut response,
-        header::CONTENT_TYPE,
-        "application/octet-stream",
-    );
-    insert(&mut response, header::ACCEPT_RANGES, "bytes");
-    insert(&mut response, "docker-content-digest", &digest.to_string());
-    if range.is_some() {
-        let last = bytes.end.saturating_sub(1);
-        insert(
-            &mut response,
-            header::CONTENT_RANGE,
-            &format!("bytes {}-{last}/{size}", bytes.start),
-        );
     }
-    response
+
+    /// The mirror's request handler.
+    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let blob = blob_path(request.uri().path()).map(|(r, d)| (r.to_owned(), d));
+        match blob {
+            Some((repository, digest)) if request.method() == Method::GET => {
+                self.serve_blob(request, &repository, digest).await
+            }
+            _ => pass_through(&self.peer, &request).await,
+        }
+    }
+
+    /// The blob's size, if the upstream registry lets this client read it:
+    /// remembered from an admission of the same client to the same blob
+    /// less than [`crate::admission::ADMISSION_TTL`] ago, or asked.
+    async fn admitted_size(&self, origin: &Origin, digest: &BlobDigest) -> Result<u64, String> {
+        let credentials = origin.authorization.as_ref().map(|v| v.as_bytes());
+        let key = AdmissionKey::new(credentials, &origin.repository, digest);
+        if let Some(size) = self.admissions.admitted(&key, Instant::now()) {
+            return Ok(size);
+        }
+        let size = upstream_size(&self.peer, origin).await?;
+        self.admissions.admit(key, size, Instant::now());
+        Ok(size)
+    }
+
+    /// A blob GET, served P2P.
+    async fn serve_blob(
+        &self,
+        request: Request<Incoming>,
+        repository: &str,
+        digest: BlobDigest,
+    ) -> Response<Body> {
+        let peer = &self.peer;
+        let authorization = request.headers().get(header::AUTHORIZATION).cloned();
+        let origin = peer.origin(repository, &digest, authorization);
+        let size = match self.admitted_size(&origin, &digest).await {
+            Ok(size) => size,
+            Err(reason) => {
+                debug!(%digest, reason, "upstream does not serve the blob to this client: passing through");
+                return pass_through(peer, &request).await;
+            }
+        };
+        let range_header = request
+            .headers()
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok());
+        let Ok(range) = requested_range(range_header, size) else {
+            let mut response = text(416, "range not satisfiable\n");
+            insert(
+                &mut response,
+                header::CONTENT_RANGE,
+                &format!("bytes */{size}"),
+            );
+            return response;
+        };
+        let task = match peer.task(&digest, size, origin) {
+            Ok(task) if task.layout.size == size => task,
+            Ok(_) => return text(502, "the blob's size changed upstream\n"),
+            Err(error) => {
+                warn!(%digest, %error, "cannot serve the blob P2P: passing through");
+                return pass_through(peer, &request).await;
+            }
+        };
+        let (status, bytes) = match &range {
+            Some(range) => (StatusCode::PARTIAL_CONTENT, range.clone()),
+            None => (StatusCode::OK, 0..size),
+        };
+        let (sender, body) = channel_body();
+        let whole = range.is_none();
+        task.want(task.layout.pieces_of(&bytes));
+        tokio::spawn(stream_blob(
+            peer.clone(),
+            task,
+            bytes.clone(),
+            whole,
+            sender,
+        ));
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        insert(
+            &mut response,
+            header::CONTENT_LENGTH,
+            &(bytes.end - bytes.start).to_string(),
+        );
+        insert(
+            &mut response,
+            header::CONTENT_TYPE,
+            "application/octet-stream",
+        );
+        insert(&mut response, header::ACCEPT_RANGES, "bytes");
+        insert(&mut response, "docker-content-digest", &digest.to_string());
+        if range.is_some() {
+            let last = bytes.end.saturating_sub(1);
+            insert(
+                &mut response,
+                header::CONTENT_RANGE,
+                &format!("bytes {}-{last}/{size}", bytes.start),
+            );
+        }
+        response
+    }
 }
 
 fn insert(response: &mut Response<Body>, name: impl header::IntoHeaderName, value: &str) {
@@ -151,7 +188,7 @@ fn insert(response: &mut Response<Body>, name: impl header::IntoHeaderName, valu
 }
 
 /// The blob's size, if the upstream registry lets this client read it.
-async fn upstream_size(peer: &Peer, origin: &crate::task::Origin) -> Result<u64, String> {
+async fn upstream_size(peer: &Peer, origin: &Origin) -> Result<u64, String> {
     let mut request = peer.http.head(&origin.url);
     if let Some(authorization) = &origin.authorization {
         request = request.header(header::AUTHORIZATION, authorization.clone());
@@ -200,10 +237,9 @@ async fn send_pieces(
         task.wait_for(|s| s.outcome == Outcome::Verified).await?;
     }
     for index in pieces {
-        let state = task.wait_for(|s| s.have.get(index)).await?;
-        let expected = state.digests[index].ok_or("piece digest unknown")?;
+        task.wait_for(|s| s.have.get(index)).await?;
         let piece = peer
-            .read_verified(task, index, expected)
+            .read_verified(task, index)
             .await
             .map_err(|e| e.to_string())?;
         let range = task.layout.range(index);

@@ -11,6 +11,7 @@ use tracing::info;
 
 use crate::P2pError;
 use crate::http::serve;
+use crate::mirror::Mirror;
 use crate::piece_server::PieceServer;
 use crate::scheduler_client::{Identity, SchedulerLink};
 use crate::store::PieceStore;
@@ -105,9 +106,9 @@ pub fn run_peer(config: &PeerConfig) -> Result<(), P2pError> {
         tokio::spawn(serve(pieces, move |request| {
             piece_server.clone().handle(request)
         }));
-        let mirror_peer = peer.clone();
+        let mirror_service = Arc::new(Mirror::new(peer.clone()));
         tokio::spawn(serve(mirror, move |request| {
-            crate::mirror::handle(mirror_peer.clone(), request)
+            mirror_service.clone().handle(request)
         }));
         if let Some(metrics) = metrics {
             let counters = peer.counters.clone();

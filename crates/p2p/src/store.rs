@@ -1,11 +1,13 @@
 //! The piece store: one directory per task under `ROOT/tasks/`, named by
 //! digest, holding the blob's bytes (`data`, written piece by piece at
 //! their offsets) and, once the whole blob is verified, `meta.json` (size,
-//! piece size, piece digests). Only complete tasks survive a restart. When
+//! piece size, piece digests, and the BLAKE3 sums pieces read back are
+//! checked against). Only complete tasks survive a restart. When
 //! a new task would pass the size limit, the least recently used complete
 //! tasks no one is reading are deleted whole.
 
 use std::collections::HashMap;
+use std::io::{Read as _, Seek as _, SeekFrom};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -22,6 +24,10 @@ pub struct TaskMeta {
     pub piece_size: u64,
     /// `sha256:<hex>` of each piece.
     pub piece_digests: Vec<String>,
+    /// BLAKE3 (hex) of each piece as written, checked when it is read back
+    /// for a client (absent in stores of older peers: sha256 is checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub piece_sums: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,13 +223,24 @@ impl PieceStore {
         file.write_all_at(bytes, offset).map_err(io_error(&data))
     }
 
-    /// Reads `len` bytes of a task at `offset`.
+    /// Reads `len` bytes of a task at `offset` (into a buffer not zeroed
+    /// first: a piece is megabytes, and every read is one).
     pub fn read(&self, task: &BlobDigest, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
         let data = self.data_path(task);
-        let file = std::fs::File::open(&data).map_err(io_error(&data))?;
-        let mut buf = vec![0; len];
-        file.read_exact_at(&mut buf, offset)
+        let mut file = std::fs::File::open(&data).map_err(io_error(&data))?;
+        file.seek(SeekFrom::Start(offset))
             .map_err(io_error(&data))?;
+        let mut buf = Vec::with_capacity(len);
+        file.take(len as u64)
+            .read_to_end(&mut buf)
+            .map_err(io_error(&data))?;
+        if buf.len() != len {
+            let short = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{} of {len} bytes at offset {offset}", buf.len()),
+            );
+            return Err(io_error(&data)(short));
+        }
         Ok(buf)
     }
 
@@ -306,6 +323,7 @@ mod tests {
             size,
             piece_size: size,
             piece_digests: vec![BlobDigest::of(b"x").to_string()],
+            piece_sums: vec![blake3::hash(b"x").to_hex().to_string()],
         }
     }
 
@@ -313,19 +331,51 @@ mod tests {
         BlobDigest::of(&[n])
     }
 
+    /// A store in `dir` holding task 1 complete, with `data`.
+    fn store_holding(dir: &Path, data: &[u8]) -> Arc<PieceStore> {
+        let store = PieceStore::open(dir, 1000).unwrap();
+        let size = data.len() as u64;
+        drop(store.create(&task(1), size).unwrap());
+        store.write(&task(1), 0, data).unwrap();
+        store.finish(&task(1), meta(size)).unwrap();
+        store
+    }
+
     #[test]
     fn complete_tasks_survive_a_reopen_and_partial_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        let store = PieceStore::open(dir.path(), 1000).unwrap();
-        drop(store.create(&task(1), 10).unwrap());
-        store.write(&task(1), 0, b"0123456789").unwrap();
-        store.finish(&task(1), meta(10)).unwrap();
+        let store = store_holding(dir.path(), b"0123456789");
         drop(store.create(&task(2), 10).unwrap());
         drop(store);
         let store = PieceStore::open(dir.path(), 1000).unwrap();
         assert_eq!(store.complete_tasks(), vec![(task(1), meta(10))]);
         assert_eq!(store.read(&task(1), 2, 3).unwrap(), b"234");
+        assert!(matches!(
+            store.read(&task(1), 8, 3),
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof
+        ));
         assert!(!store.task_dir(&task(2)).exists());
+    }
+
+    #[test]
+    fn tasks_stored_by_peers_that_kept_no_sums_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_holding(dir.path(), b"x");
+        let older = serde_json::json!({
+            "size": 1,
+            "piece_size": 1,
+            "piece_digests": [BlobDigest::of(b"x").to_string()],
+        });
+        std::fs::write(
+            store.task_dir(&task(1)).join("meta.json"),
+            older.to_string(),
+        )
+        .unwrap();
+        drop(store);
+        let store = PieceStore::open(dir.path(), 1000).unwrap();
+        let (_, loaded) = &store.complete_tasks()[0];
+        assert!(loaded.piece_sums.is_empty());
+        assert_eq!(loaded.piece_digests, meta(1).piece_digests);
     }
 
     #[test]

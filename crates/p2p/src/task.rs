@@ -4,6 +4,15 @@
 //! says so, when it is unreachable, or when no parent serves in time. A
 //! task ends verified (the whole blob matches its digest) or failed, and
 //! readers follow its progress piece by piece.
+//!
+//! Where bytes are checked: each piece once on receipt, in memory, before
+//! it is written (its sha256 against the digest recorded from the origin;
+//! a piece from the origin records that digest); the whole blob's sha256
+//! is computed once, piece by piece as the pieces arrive in order, and
+//! checked when the last one is in. A piece read back from the store for a
+//! client is checked against the BLAKE3 sum taken of its verified bytes on
+//! receipt (a few times cheaper than sha256 again), so a store file that
+//! changed on disk is caught before a byte of it is sent.
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
@@ -76,6 +85,10 @@ pub enum TaskError {
     Store(Arc<StoreError>),
     #[error("piece {piece} of {task} in the local store does not match its digest")]
     CorruptLocalPiece { task: BlobDigest, piece: usize },
+    #[error("piece {piece} of {task} is not verified yet")]
+    UnverifiedPiece { task: BlobDigest, piece: usize },
+    #[error("task {task} ended before its blob was hashed: {reason}")]
+    Ended { task: BlobDigest, reason: String },
 }
 
 impl From<StoreError> for TaskError {
@@ -97,6 +110,8 @@ pub struct TaskState {
     pub have: Bitmap,
     /// sha256 of each piece, when known.
     pub digests: Vec<Option<BlobDigest>>,
+    /// BLAKE3 of each piece as written to the store, once verified.
+    pub stored_sums: Vec<Option<blake3::Hash>>,
     pub outcome: Outcome,
 }
 
@@ -246,9 +261,17 @@ impl Peer {
             piece_size: meta.piece_size,
         };
         let digests = meta.piece_digests.iter().map(|d| d.parse().ok()).collect();
+        let mut stored_sums: Vec<_> = meta
+            .piece_sums
+            .iter()
+            .map(|s| blake3::Hash::from_hex(s).ok())
+            .collect();
+        // A meta without (enough) sums: its pieces are checked by sha256.
+        stored_sums.resize(layout.count(), None);
         let state = TaskState {
             have: Bitmap::full(layout.count()),
             digests,
+            stored_sums,
             outcome: Outcome::Verified,
         };
         Some(Arc::new(Task::new(*digest, layout, state, pinned)))
@@ -271,6 +294,7 @@ impl Peer {
         let state = TaskState {
             have: Bitmap::new(layout.count()),
             digests: vec![None; layout.count()],
+            stored_sums: vec![None; layout.count()],
             outcome: Outcome::Running,
         };
         let task = Arc::new(Task::new(*digest, layout, state, pinned));
@@ -283,9 +307,17 @@ impl Peer {
     /// Fetches, verifies and records a task, then forgets it as running
     /// (readers find it complete in the store).
     async fn drive(self: Arc<Self>, task: Arc<Task>, origin: Origin) {
+        let hashing = tokio::spawn(self.clone().hash_blob(task.clone()));
         let result = match self.fetch(&task, &origin).await {
-            Ok(()) => self.verify_and_finish(&task).await,
-            Err(e) => Err(e),
+            Ok(()) => match hashing.await {
+                Ok(Ok(actual)) => self.finish(&task, actual).await,
+                Ok(Err(error)) => Err(error),
+                Err(error) => Err(join_error(&error).into()),
+            },
+            Err(error) => {
+                hashing.abort();
+                Err(error)
+            }
         };
         match result {
             Ok(()) => {
@@ -512,16 +544,14 @@ impl Peer {
                     .await;
                 continue;
             }
-            let len = bytes.len() as u64;
-            if let Err(error) = self.store_piece(task, index, bytes).await {
+            let from_peers = &self.counters.bytes_from_peers;
+            if let Err(error) = self
+                .keep_piece(task, index, bytes, expected, from_peers)
+                .await
+            {
                 warn!(task = %task.digest, %error, "cannot store a piece");
                 return false;
             }
-            Counters::add(&self.counters.bytes_from_peers, len);
-            task.update(|s| {
-                s.have.set(index);
-                s.digests[index] = Some(expected);
-            });
             return true;
         }
         false
@@ -593,18 +623,33 @@ impl Peer {
         }
     }
 
-    async fn store_piece(
+    /// Writes a verified piece (sha256 `digest`) to the store, records
+    /// its BLAKE3 sum, counts its bytes in `counter` and marks it present.
+    async fn keep_piece(
         &self,
         task: &Task,
         index: usize,
         bytes: Vec<u8>,
+        digest: BlobDigest,
+        counter: &std::sync::atomic::AtomicU64,
     ) -> Result<(), StoreError> {
         let store = self.store.clone();
-        let digest = task.digest;
+        let task_digest = task.digest;
         let offset = task.layout.range(index).start;
-        tokio::task::spawn_blocking(move || store.write(&digest, offset, &bytes))
-            .await
-            .unwrap_or_else(|e| Err(join_error(&e)))
+        let len = bytes.len() as u64;
+        let sum = tokio::task::spawn_blocking(move || {
+            let sum = blake3::hash(&bytes);
+            store.write(&task_digest, offset, &bytes).map(|()| sum)
+        })
+        .await
+        .unwrap_or_else(|e| Err(join_error(&e)))?;
+        Counters::add(counter, len);
+        task.update(|s| {
+            s.have.set(index);
+            s.digests[index] = Some(digest);
+            s.stored_sums[index] = Some(sum);
+        });
+        Ok(())
     }
 
     /// Fetches every missing piece from the origin, a batch of
@@ -663,13 +708,9 @@ impl Peer {
                 let rest = buffer.split_off(piece_len);
                 let piece = std::mem::replace(&mut buffer, rest);
                 let digest = BlobDigest::of(&piece);
-                let len = piece.len() as u64;
-                self.store_piece(task, index, piece).await?;
-                Counters::add(&self.counters.bytes_from_origin, len);
-                task.update(|s| {
-                    s.have.set(index);
-                    s.digests[index] = Some(digest);
-                });
+                let from_origin = &self.counters.bytes_from_origin;
+                self.keep_piece(task, index, piece, digest, from_origin)
+                    .await?;
                 index += 1;
                 continue;
             }
@@ -688,52 +729,82 @@ impl Peer {
         Ok(())
     }
 
-    /// Checks the whole blob against its digest and records it complete.
-    async fn verify_and_finish(&self, task: &Task) -> Result<(), TaskError> {
-        let store = self.store.clone();
-        let (digest, layout) = (task.digest, task.layout);
-        let actual = tokio::task::spawn_blocking(move || {
-            let mut hasher = Sha256::new();
-            for index in 0..layout.count() {
-                let range = layout.range(index);
-                hasher.update(store.read(
-                    &digest,
-                    range.start,
-                    (range.end - range.start) as usize,
-                )?);
-            }
-            Ok::<_, StoreError>(BlobDigest::from_hasher(hasher))
-        })
-        .await
-        .unwrap_or_else(|e| Err(join_error(&e)))?;
+    /// The sha256 of the whole blob, hashed piece by piece in order as
+    /// the pieces arrive (each read back from the store once).
+    async fn hash_blob(self: Arc<Self>, task: Arc<Task>) -> Result<BlobDigest, TaskError> {
+        let mut hasher = Sha256::new();
+        for index in 0..task.layout.count() {
+            task.wait_for(|s| s.have.get(index))
+                .await
+                .map_err(|reason| TaskError::Ended {
+                    task: task.digest,
+                    reason,
+                })?;
+            hasher = self
+                .read_then(&task, index, move |bytes| {
+                    hasher.update(&bytes);
+                    hasher
+                })
+                .await?;
+        }
+        Ok(BlobDigest::from_hasher(hasher))
+    }
+
+    /// Checks the whole blob's sha256 (`actual`) against its digest and
+    /// records the task complete.
+    async fn finish(&self, task: &Task, actual: BlobDigest) -> Result<(), TaskError> {
         if actual != task.digest {
             return Err(TaskError::BlobMismatch {
                 task: task.digest,
                 actual,
             });
         }
-        let piece_digests = task.state.borrow().wire_digests();
-        let meta = TaskMeta {
-            size: layout.size,
-            piece_size: layout.piece_size,
-            piece_digests,
+        let meta = {
+            let state = task.state.borrow();
+            TaskMeta {
+                size: task.layout.size,
+                piece_size: task.layout.piece_size,
+                piece_digests: state.wire_digests(),
+                piece_sums: state
+                    .stored_sums
+                    .iter()
+                    .map(|s| s.map(|s| s.to_hex().to_string()).unwrap_or_default())
+                    .collect(),
+            }
         };
         let store = self.store.clone();
+        let digest = task.digest;
         tokio::task::spawn_blocking(move || store.finish(&digest, meta))
             .await
             .unwrap_or_else(|e| Err(join_error(&e)))?;
         Ok(())
     }
 
-    /// A piece of a task, read from the store and verified.
-    pub async fn read_verified(
-        &self,
-        task: &Task,
-        index: usize,
-        expected: BlobDigest,
-    ) -> Result<Vec<u8>, TaskError> {
-        let bytes = self.read_piece(task, index).await?;
-        if BlobDigest::of(&bytes) != expected {
+    /// A piece of a task, read from the store and checked: against the
+    /// BLAKE3 sum of the bytes verified on receipt, or for a task from an
+    /// earlier run without sums, against the piece's sha256 digest.
+    pub async fn read_verified(&self, task: &Task, index: usize) -> Result<Vec<u8>, TaskError> {
+        let (sum, expected) = {
+            let state = task.state.borrow();
+            (state.stored_sums[index], state.digests[index])
+        };
+        let unverified = || TaskError::UnverifiedPiece {
+            task: task.digest,
+            piece: index,
+        };
+        if sum.is_none() && expected.is_none() {
+            return Err(unverified());
+        }
+        let (bytes, intact) = self
+            .read_then(task, index, move |bytes| {
+                let intact = match (sum, expected) {
+                    (Some(sum), _) => blake3::hash(&bytes) == sum,
+                    (None, expected) => Some(BlobDigest::of(&bytes)) == expected,
+                };
+                (bytes, intact)
+            })
+            .await?;
+        if !intact {
             warn!(task = %task.digest, piece = index, "corrupt piece in the local store; dropping the task");
             self.store.discard(&task.digest);
             return Err(TaskError::CorruptLocalPiece {
@@ -746,14 +817,27 @@ impl Peer {
 
     /// A piece of a task, as stored.
     pub async fn read_piece(&self, task: &Task, index: usize) -> Result<Vec<u8>, TaskError> {
+        Ok(self.read_then(task, index, |bytes| bytes).await?)
+    }
+
+    /// Reads a piece from the store and passes it to `then`, both on a
+    /// blocking thread (`then` may hash it).
+    async fn read_then<T: Send + 'static>(
+        &self,
+        task: &Task,
+        index: usize,
+        then: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
         let store = self.store.clone();
         let digest = task.digest;
         let range = task.layout.range(index);
-        Ok(tokio::task::spawn_blocking(move || {
-            store.read(&digest, range.start, (range.end - range.start) as usize)
+        tokio::task::spawn_blocking(move || {
+            store
+                .read(&digest, range.start, (range.end - range.start) as usize)
+                .map(then)
         })
         .await
-        .unwrap_or_else(|e| Err(join_error(&e)))?)
+        .unwrap_or_else(|e| Err(join_error(&e)))
     }
 }
 

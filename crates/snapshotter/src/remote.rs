@@ -37,7 +37,7 @@ const LABEL_CRI_MANIFEST_DIGEST: &str = "containerd.io/snapshot/cri.manifest-dig
 pub type LazyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What the snapshotter needs to serve Darter images lazily. The `darter`
-/// binary implements it (registry reads, `darter mount -d`); the
+/// binary implements it (registry reads, mounts of the node daemon); the
 /// snapshotter itself mounts nothing.
 pub trait LazyMounts: Send + Sync + Debug {
     /// What the manifest and config of `image` say about its layers.

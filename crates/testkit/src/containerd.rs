@@ -1,8 +1,9 @@
 //! A real containerd for tests (Debian package `containerd`, 1.6): a plain
 //! process with its root, state, sockets and log in a temp dir of its own,
-//! CRI disabled, optionally with proxy snapshotters (`[proxy_plugins]`)
-//! and run through a command prefix (e.g. into a network namespace, as the
-//! benchmarks do; `ctr` then runs through it too).
+//! CRI disabled unless asked for ([`Options::cri`], see [`crate::cri`]),
+//! optionally with proxy snapshotters (`[proxy_plugins]`) and run through a
+//! command prefix (e.g. into a network namespace, as the benchmarks do;
+//! `ctr` then runs through it too).
 //!
 //! [`Containerd::start`] returns once `ctr version` answers. Dropping it,
 //! also when a test fails, kills containerd, the shims it started and
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
+use crate::cri::{self, CriClient, CriError, CriOptions};
 use crate::process::{ChildGuard, MountGuard, mounts_under, try_run};
 
 /// The containerd namespace [`Containerd::ctr`] uses.
@@ -40,6 +42,10 @@ pub enum ContainerdError {
     Exited { status: ExitStatus, log: String },
     #[error("containerd does not answer after {timeout:?}; its log:\n{log}")]
     Timeout { timeout: Duration, log: String },
+    #[error("cannot import the CRI sandbox image: {reason}; containerd's log:\n{log}")]
+    SandboxImage { reason: String, log: String },
+    #[error(transparent)]
+    Cri(#[from] CriError),
 }
 
 /// A running containerd; everything it started dies with it on drop.
@@ -66,6 +72,10 @@ pub struct Options<'a> {
     /// `nsenter --net=PATH --`. The program they start must exec the
     /// command (its pid is then containerd's).
     pub command_prefix: Vec<OsString>,
+    /// Enables the CRI plugin so configured; containerd then answers once
+    /// CRI knows its sandbox image (imported through the snapshotter CRI
+    /// uses, which must be served by then).
+    pub cri: Option<CriOptions<'a>>,
 }
 
 impl Containerd {
@@ -93,8 +103,7 @@ impl Containerd {
         .map_err(io("create a temp dir for", Path::new("containerd")))?;
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), options.proxy_snapshotters))
-            .map_err(io("write", &config))?;
+        std::fs::write(&config, config_toml(dir.path(), options)).map_err(io("write", &config))?;
         let log_path = dir.path().join("containerd.log");
         let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
         let mut cmd = prefixed(&options.command_prefix, "containerd");
@@ -111,7 +120,46 @@ impl Containerd {
             dir: Some(dir),
         };
         started.wait_until_answering()?;
+        if let Some(cri) = &options.cri {
+            started.import_sandbox_image(cri.snapshotter)?;
+        }
         Ok(started)
+    }
+
+    /// Imports [`cri::SANDBOX_IMAGE`] (unpacked by `snapshotter`) and waits
+    /// until CRI knows it (CRI learns of images from containerd's events).
+    fn import_sandbox_image(&self, snapshotter: &str) -> Result<(), ContainerdError> {
+        let failed = |reason: String| ContainerdError::SandboxImage {
+            reason,
+            log: self.log(),
+        };
+        let archive = self.path().join("sandbox-image.tar");
+        cri::write_sandbox_image(&archive)
+            .map_err(|err| failed(format!("cannot write {}: {err}", archive.display())))?;
+        let mut import = self.ctr_in(cri::K8S_NAMESPACE, ["images", "import", "--snapshotter"]);
+        import.arg(snapshotter).arg(&archive);
+        try_run(&mut import).map_err(|err| failed(err.to_string()))?;
+        let client = self.cri()?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match client.image_id(cri::SANDBOX_IMAGE) {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) => {
+                    return Err(failed(format!(
+                        "CRI does not list it after {START_TIMEOUT:?}"
+                    )));
+                }
+                Err(status) => return Err(failed(format!("CRI ImageStatus: {status}"))),
+            }
+        }
+    }
+
+    /// A client of containerd's CRI services (needs [`Options::cri`]).
+    pub fn cri(&self) -> Result<CriClient, CriError> {
+        CriClient::connect(&self.socket)
     }
 
     fn wait_until_answering(&mut self) -> Result<(), ContainerdError> {
@@ -167,10 +215,20 @@ impl Containerd {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.ctr_in(NAMESPACE, args)
+    }
+
+    /// [`Containerd::ctr`] in the containerd namespace `namespace` (e.g.
+    /// CRI's [`cri::K8S_NAMESPACE`]).
+    pub fn ctr_in<I, S>(&self, namespace: &str, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let mut ctr = prefixed(&self.prefix, "ctr");
         ctr.arg("--address")
             .arg(&self.socket)
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", namespace])
             .args(args);
         ctr
     }
@@ -296,14 +354,20 @@ pub fn is_running(pid: u32) -> bool {
     })
 }
 
-/// containerd's config: everything below `dir`, CRI off, the proxies.
-fn config_toml(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> String {
+/// containerd's config: everything below `dir`, CRI off unless asked
+/// for, the proxies.
+fn config_toml(dir: &Path, options: &Options<'_>) -> String {
     let socket = dir.join("containerd.sock");
+    let disabled = if options.cri.is_some() {
+        ""
+    } else {
+        "\"io.containerd.grpc.v1.cri\""
+    };
     let mut toml = format!(
         "version = 2\n\
          root = {root}\n\
          state = {state}\n\
-         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         disabled_plugins = [{disabled}]\n\
          [grpc]\n  address = {grpc}\n\
          [ttrpc]\n  address = {ttrpc}\n\
          [debug]\n  address = \"\"\n\
@@ -313,7 +377,10 @@ fn config_toml(dir: &Path, proxy_snapshotters: &[(&str, &Path)]) -> String {
         grpc = toml_string(&socket),
         ttrpc = toml_string(&socket.with_extension("sock.ttrpc")),
     );
-    for (name, address) in proxy_snapshotters {
+    if let Some(cri) = &options.cri {
+        toml += &cri::config_toml(dir, cri);
+    }
+    for (name, address) in options.proxy_snapshotters {
         toml += &format!(
             "[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {address}\n",
             name = toml_string(Path::new(name)),
@@ -362,7 +429,12 @@ mod tests {
     #[test]
     fn config_keeps_everything_in_its_directory_and_names_the_proxies() {
         let dir = Path::new("/t/ctd \"1\"");
-        let toml = config_toml(dir, &[("darter", Path::new("/t/snap.sock"))]);
+        let proxy = Path::new("/t/snap.sock");
+        let options = Options {
+            proxy_snapshotters: &[("darter", proxy)],
+            ..Options::default()
+        };
+        let toml = config_toml(dir, &options);
         for needle in [
             r#"root = "/t/ctd \"1\"/root""#,
             r#"state = "/t/ctd \"1\"/state""#,
@@ -373,6 +445,50 @@ mod tests {
         ] {
             assert!(toml.contains(needle), "{needle} in\n{toml}");
         }
+    }
+
+    /// With CRI on (and containerd's own overlayfs snapshotter), the
+    /// sandbox image is there at start, a host-network pod runs a
+    /// container of it through the CRI API, its exit code and log are
+    /// CRI's, and nothing is left after drop.
+    #[test]
+    fn cri_runs_a_pod_offline_and_everything_goes_on_drop() {
+        let containerd = Containerd::start_with(&Options {
+            cri: Some(CriOptions {
+                snapshotter: "overlayfs",
+                plain_http_registries: &[],
+            }),
+            ..Options::default()
+        })
+        .unwrap();
+        let cri = containerd.cri().unwrap();
+        let logs = containerd.path().join("pod-logs");
+        let started = cri
+            .run_container("sleeper", cri::SANDBOX_IMAGE, &["/bin/sleep", "0.1"], &logs)
+            .unwrap_or_else(|e| panic!("{e}\n{}", containerd.log()));
+        let code = cri
+            .wait_exited(&started.container_id, START_TIMEOUT)
+            .unwrap();
+        assert_eq!(code, 0);
+        assert!(started.log_path.exists(), "{:?}", started.log_path);
+        let failing = cri
+            .run_container("failing", cri::SANDBOX_IMAGE, &["/bin/sleep", "x"], &logs)
+            .unwrap();
+        let code = cri
+            .wait_exited(&failing.container_id, START_TIMEOUT)
+            .unwrap();
+        assert_eq!(code, 1);
+        let log = std::fs::read_to_string(&failing.log_path).unwrap();
+        assert!(
+            log.contains(" stderr F ") && log.contains("invalid time interval"),
+            "{log}"
+        );
+        cri.remove_pod(&started.pod_id).unwrap();
+        let pid = containerd.pid();
+        let dir = containerd.path().to_path_buf();
+        drop(containerd);
+        assert!(!is_running(pid));
+        assert!(!dir.exists());
     }
 
     /// A real containerd answers, runs nothing after drop, and leaves no

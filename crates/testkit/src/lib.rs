@@ -10,6 +10,7 @@
 pub mod blob_http;
 pub mod compare;
 pub mod containerd;
+pub mod cri;
 pub mod faultproxy;
 pub mod fixtures;
 pub mod netns;

@@ -90,7 +90,7 @@ impl PeerCounters {
 /// A `darter` process in a namespace, logging to a file; killed on drop.
 #[derive(Debug)]
 struct DarterProcess {
-    _guard: ChildGuard,
+    guard: ChildGuard,
     log: PathBuf,
 }
 
@@ -110,12 +110,41 @@ impl DarterProcess {
             .stderr(file);
         let guard = ChildGuard::spawn(&mut cmd)
             .with_context(|| format!("starting {} {}", darter.display(), args.join(" ")))?;
-        Ok(DarterProcess { _guard: guard, log })
+        Ok(DarterProcess { guard, log })
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        process_cpu_seconds(self.guard.id())
+    }
+}
+
+/// Clock ticks per second of `/proc` times: Linux's `USER_HZ`, 100 on
+/// every architecture this runs on.
+const USER_HZ: f64 = 100.0;
+
+/// User plus system CPU seconds process `pid` has used so far (fields 14
+/// and 15 of `/proc/PID/stat`, in clock ticks).
+pub fn process_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let after_name = stat
+        .rsplit_once(')')
+        .with_context(|| format!("no command name in {path}"))?
+        .1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |field: usize| -> anyhow::Result<u64> {
+        // `after_name` starts at field 3.
+        fields
+            .get(field - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {field} of {path}: {stat:?}"))
+    };
+    Ok((ticks(14)? + ticks(15)?) as f64 / USER_HZ)
 }
 
 /// A peer (or the seed) of the bed, in its own namespace.
@@ -183,6 +212,15 @@ impl BedPeer {
     /// The peer's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// CPU seconds (user and system) its process has used; zero once it
+    /// was killed.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        self.process()
+            .as_ref()
+            .map_or(Ok(0.0), DarterProcess::cpu_seconds)
+            .with_context(|| format!("CPU time of peer {}", self.name))
     }
 
     fn process(&self) -> MutexGuard<'_, Option<DarterProcess>> {
@@ -384,6 +422,15 @@ impl P2pBed {
         &self.seed
     }
 
+    /// CPU seconds (user and system) the seed and the peers have used so
+    /// far, together.
+    pub fn peers_cpu_seconds(&self) -> anyhow::Result<f64> {
+        std::iter::once(&self.seed)
+            .chain(&self.peers)
+            .map(BedPeer::cpu_seconds)
+            .sum()
+    }
+
     /// The scheduler's log so far.
     pub fn scheduler_log(&self) -> String {
         self.scheduler.log()
@@ -430,5 +477,25 @@ mod tests {
         for bad in [&br#"{"bytes_from_origin":-1}"#[..], b"[1]", b"nope"] {
             assert!(PeerCounters::parse(bad).is_err());
         }
+    }
+
+    #[test]
+    fn cpu_seconds_grow_with_work_done_and_no_faster_than_the_cpus_can() {
+        let pid = std::process::id();
+        let before = process_cpu_seconds(pid).unwrap();
+        let started = std::time::Instant::now();
+        let mut spin = 0u64;
+        let used = loop {
+            spin = std::hint::black_box(spin.wrapping_add(1));
+            let used = process_cpu_seconds(pid).unwrap() - before;
+            if used >= 0.3 {
+                break used;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "{used} s");
+        };
+        let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+        let wall = started.elapsed().as_secs_f64();
+        assert!(used <= wall * cpus + 0.05, "{used} CPU s in {wall} s");
+        assert!(process_cpu_seconds(u32::MAX).is_err());
     }
 }

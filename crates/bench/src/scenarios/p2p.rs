@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use darter_testkit::netns::LinkRate;
-use darter_testkit::p2pbed::{BedPeer, P2pBed, P2pBedConfig};
+use darter_testkit::p2pbed::{BedPeer, P2pBed, P2pBedConfig, process_cpu_seconds};
 
 use crate::model::{Aim, Bar, Chart, ChartKind, Samples, ScenarioReport, Table, Unit, Verdict};
 use crate::scenario::{Bench, Scenario};
@@ -48,6 +48,34 @@ struct Round {
     peers: usize,
     direct: Fetches,
     p2p: Fetches,
+    cpu: CpuPerGib,
+}
+
+/// CPU seconds (user and system) per GiB delivered to clients, in the P2P
+/// phase: of every peer process (the seed too) and of the clients.
+#[derive(Debug, Clone, Copy)]
+struct CpuPerGib {
+    peers: f64,
+    clients: f64,
+}
+
+impl CpuPerGib {
+    /// Runs `phase` and divides the CPU it took by the `delivered` bytes.
+    fn measure<T>(
+        bed: &P2pBed,
+        delivered: u64,
+        phase: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, CpuPerGib)> {
+        let clients = || process_cpu_seconds(std::process::id());
+        let (peers_before, clients_before) = (bed.peers_cpu_seconds()?, clients()?);
+        let result = phase()?;
+        let gib = delivered as f64 / (1u64 << 30) as f64;
+        let cpu = CpuPerGib {
+            peers: (bed.peers_cpu_seconds()? - peers_before) / gib,
+            clients: (clients()? - clients_before) / gib,
+        };
+        Ok((result, cpu))
+    }
 }
 
 /// The blob size and peer counts of this run, and why they are what they are.
@@ -89,18 +117,27 @@ impl Scenario for P2p {
                 peer.fetch_from(registry, REPOSITORY, &digest)
             })
             .with_context(|| format!("{peers} clients straight from the registry"))?;
-            let p2p = fetch_all(&bed, &digest, plan.blob, 1, |peer| {
-                peer.fetch_through_mirror(REPOSITORY, &digest)
-            })
-            .with_context(|| format!("{peers} clients through their peers"))?;
+            let (p2p, cpu) = CpuPerGib::measure(&bed, plan.blob * peers as u64, || {
+                fetch_all(&bed, &digest, plan.blob, 1, |peer| {
+                    peer.fetch_through_mirror(REPOSITORY, &digest)
+                })
+                .with_context(|| format!("{peers} clients through their peers"))
+            })?;
             tracing::info!(
                 peers,
                 direct_max = direct.seconds.max(),
                 p2p_max = p2p.seconds.max(),
                 p2p_registry_bytes = p2p.registry_bytes,
+                peer_cpu_per_gib = cpu.peers,
+                client_cpu_per_gib = cpu.clients,
                 "p2p round"
             );
-            rounds.push(Round { peers, direct, p2p });
+            rounds.push(Round {
+                peers,
+                direct,
+                p2p,
+                cpu,
+            });
         }
         Ok(report(self, &plan, &rounds))
     }
@@ -245,6 +282,11 @@ fn report(scenario: &P2p, plan: &Plan, rounds: &[Round]) -> ScenarioReport {
              are the response bytes in the registry's access log.",
             plan.blob >> 20
         ),
+        "CPU per GiB delivered (P2P phase): user plus system seconds from `/proc/PID/stat` of \
+         every peer process (the seed too), and of the benchmark process whose threads are the \
+         clients (each hashes what it receives), divided by N times the blob size. Unlike the \
+         times, these do not depend on what else the machine runs."
+            .to_owned(),
     ];
     let mut table = Table::new(
         "Completion time per client (median / max) and registry bytes / blob size",
@@ -255,6 +297,8 @@ fn report(scenario: &P2p, plan: &Plan, rounds: &[Round]) -> ScenarioReport {
             "speed-up (max)",
             "registry / blob without",
             "registry / blob with P2P",
+            "peer CPU s / GiB delivered",
+            "client CPU s / GiB",
         ],
     );
     let mut bars = Vec::new();
@@ -273,6 +317,8 @@ fn report(scenario: &P2p, plan: &Plan, rounds: &[Round]) -> ScenarioReport {
             Unit::Ratio.show(r.direct.seconds.max() / r.p2p.seconds.max()),
             Unit::Ratio.show(r.direct.registry_bytes as f64 / blob),
             Unit::Ratio.show(r.p2p.registry_bytes as f64 / blob),
+            format!("{:.2}", r.cpu.peers),
+            format!("{:.2}", r.cpu.clients),
         ]);
         for (fetches, darter, how) in [(&r.direct, false, "registry"), (&r.p2p, true, "P2P")] {
             bars.push(Bar {
@@ -341,6 +387,11 @@ fn aims(rounds: &[Round], blob: f64) -> Vec<Aim> {
 mod tests {
     use super::*;
 
+    const CPU: CpuPerGib = CpuPerGib {
+        peers: 1.0,
+        clients: 1.0,
+    };
+
     fn fetches(seconds: &[f64], registry_bytes: u64) -> Fetches {
         Fetches {
             seconds: Samples::new(seconds.to_vec()),
@@ -355,11 +406,13 @@ mod tests {
                 peers: 1,
                 direct: fetches(&[10.0], 100),
                 p2p: fetches(&[11.0], 100),
+                cpu: CPU,
             },
             Round {
                 peers: 20,
                 direct: fetches(&[150.0, 200.0], 2000),
                 p2p: fetches(&[15.0, 20.0], 110),
+                cpu: CPU,
             },
         ];
         let checked = aims(&rounds, 100.0);
@@ -372,11 +425,13 @@ mod tests {
                 peers: 1,
                 direct: fetches(&[10.0], 100),
                 p2p: fetches(&[10.0], 130),
+                cpu: CPU,
             },
             Round {
                 peers: 5,
                 direct: fetches(&[50.0], 500),
                 p2p: fetches(&[30.0], 100),
+                cpu: CPU,
             },
         ];
         let verdicts: Vec<Verdict> = aims(&slow, 100.0).iter().map(|a| a.verdict).collect();

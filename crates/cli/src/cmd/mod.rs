@@ -5,6 +5,7 @@ mod build;
 mod cache;
 mod check;
 mod copy;
+mod daemon;
 mod export;
 mod inspect;
 mod mount;
@@ -41,7 +42,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Unpack(a) => unpack::run(&a, &ctx),
         Command::Export(a) => export::run(&a, &ctx),
         Command::Copy(a) => copy::run(&a, &ctx),
-        Command::Mount(a) => mount::run(&a, &ctx, &config.mount),
+        Command::Mount(a) => mount::run(&a, &ctx, &config),
+        Command::Unmount(a) => daemon::unmount(&a),
+        Command::Daemon(a) => daemon::run(&a, &ctx, &config),
         Command::Stats(a) => stats::run(&a),
         Command::Cache(crate::cli::CacheCommand::Gc(a)) => cache::gc(&a, &config.mount),
         Command::Snapshotter(a) => snapshotter::run(&a, &ctx, &config),
@@ -137,6 +140,68 @@ impl Context {
     }
 }
 
+/// A registry (`""` for layouts), a login (user, password), and whether
+/// plain HTTP was asked for.
+type ClientKey = (String, Option<(String, String)>, bool);
+
+/// Registry clients for images that arrive at run time (the snapshotter's,
+/// the node daemon's): one per registry and login, kept for its connections
+/// and tokens. The global `--plain-http` applies to each registry as it
+/// comes (the CLI's own stores know only the registries named on the
+/// command line).
+pub(crate) struct RegistryClients {
+    config: darter_registry::ClientConfig,
+    plain_http: bool,
+    /// Keyed by registry (`""` for layouts) and login.
+    stores: std::sync::Mutex<std::collections::HashMap<ClientKey, std::sync::Arc<Stores>>>,
+}
+
+impl RegistryClients {
+    pub(crate) fn new(config: &crate::config::Config, ctx: &Context) -> Self {
+        RegistryClients {
+            config: config.client_config(&[], None),
+            plain_http: ctx.plain_http(),
+            stores: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The client for `image`'s registry with `login` (user, password),
+    /// over plain HTTP if `plain_http` (or `--plain-http`) says so.
+    pub(crate) fn stores_for(
+        &self,
+        image: &ImageRef,
+        login: Option<(&str, &str)>,
+        plain_http: bool,
+    ) -> std::sync::Arc<Stores> {
+        let registry = match image {
+            ImageRef::Registry(r) => r.registry().to_owned(),
+            ImageRef::Layout(_) => String::new(),
+        };
+        let login = login.map(|(u, p)| (u.to_owned(), p.to_owned()));
+        let mut stores = self
+            .stores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let plain_http = plain_http || self.plain_http;
+        let key = (registry.clone(), login.clone(), plain_http);
+        let made = stores.entry(key).or_insert_with(|| {
+            let mut config = self.config.clone();
+            if plain_http && !registry.is_empty() {
+                config = config.with_plain_http(registry.clone());
+            }
+            if let Some((user, password)) = login {
+                config.credentials = config.credentials.clone().with_explicit(
+                    &registry,
+                    user,
+                    darter_registry::Secret::new(password),
+                );
+            }
+            std::sync::Arc::new(Stores::new(config))
+        });
+        std::sync::Arc::clone(made)
+    }
+}
+
 /// Every IMAGE argument of a command (to know which registries it talks to).
 fn image_args(command: &Command) -> Vec<&str> {
     match command {
@@ -159,6 +224,8 @@ fn image_args(command: &Command) -> Vec<&str> {
         Command::Mount(a) => vec![&a.image],
         Command::Pull(a) => vec![&a.image],
         Command::Stats(_)
+        | Command::Unmount(_)
+        | Command::Daemon(_)
         | Command::Status(_)
         | Command::Cache(_)
         | Command::Snapshotter(_)

@@ -1,46 +1,24 @@
-//! `darter mount`.
-
-use std::os::unix::process::CommandExt as _;
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+//! `darter mount`: with `-d` through the node daemon (`darter daemon`,
+//! started if none answers), else served by this process until unmounted
+//! (the one-off, debugging form).
 
 use anyhow::{Context as _, bail};
-use darter_daemon::api;
-use darter_daemon::{Frontend, MountOptions};
+use darter_daemon::api::{self, Credentials, MountRequest};
+use darter_daemon::{Frontend, MountOptions, NodeOptions};
 
 use crate::cli::MountArgs;
-use crate::config::MountConfig;
+use crate::config::{Config, MountConfig};
 
+use super::daemon::{NodeDaemon, absolute, store_options};
 use super::{Context, Outcome, image_ref};
 
 /// FUSE request threads when not configured.
 const DEFAULT_THREADS: usize = 4;
-/// How long `-d` waits for the daemon to serve (the bootstrap may come
-/// from a slow registry).
-const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
-pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Result<Outcome> {
-    let prefetch_all = match args
-        .prefetch
-        .as_deref()
-        .or(config.prefetch.as_deref())
-        .unwrap_or("none")
-    {
-        "none" => false,
-        "all" => true,
-        other => bail!("--prefetch must be none or all, not {other:?}"),
-    };
-    let frontend = match args
-        .frontend
-        .as_deref()
-        .or(config.frontend.as_deref())
-        .unwrap_or("fuse")
-    {
-        "fuse" => Frontend::Fuse,
-        "erofs" => Frontend::Erofs,
-        other => bail!("--frontend must be fuse or erofs, not {other:?}"),
-    };
+pub fn run(args: &MountArgs, ctx: &Context, full_config: &Config) -> anyhow::Result<Outcome> {
+    let config = &full_config.mount;
+    let prefetch_all = prefetch_all(args.prefetch.as_deref(), config)?;
+    let frontend = frontend(args.frontend.as_deref(), config)?;
     if let Ok(existing) = api::query_stats(&args.mountpoint) {
         bail!(
             "{} is already served by darter (pid {}, image {})",
@@ -49,23 +27,48 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
             existing.image
         );
     }
+    let cache_dir = args
+        .cache
+        .clone()
+        .or_else(|| config.cache.clone())
+        .unwrap_or_else(darter_cache::default_cache_dir);
+    let metrics_addr = args.metrics_addr.or(config.metrics_addr);
+    let threads = threads(args.threads, config);
+    if args.daemon {
+        let node = NodeDaemon {
+            socket: args
+                .socket
+                .clone()
+                .unwrap_or_else(|| api::node_socket_for_cache(&cache_dir)),
+            forward: ctx.forwarded_flags().to_vec(),
+            cache: Some(cache_dir.clone()),
+            metrics: metrics_addr,
+        };
+        let request = MountRequest {
+            image: args.image.clone(),
+            mountpoint: absolute(&args.mountpoint)?,
+            frontend,
+            prefetch_all,
+            threads,
+            keeper: args.keeper.as_deref().map(absolute).transpose()?,
+            takeover: args.takeover,
+            credentials: ctx.login().map(|(username, password)| Credentials {
+                username: username.to_owned(),
+                password: password.to_owned(),
+            }),
+            plain_http: ctx.plain_http() || plain_http_config(full_config, &args.image),
+            cache_dir: Some(absolute(&cache_dir)?),
+        };
+        return through_node_daemon(&node, &request);
+    }
     let opts = MountOptions {
-        cache_dir: args
-            .cache
-            .clone()
-            .or_else(|| config.cache.clone())
-            .unwrap_or_else(darter_cache::default_cache_dir),
         prefetch_all,
-        metrics_addr: args.metrics_addr.or(config.metrics_addr),
-        threads: args.threads.or(config.threads).unwrap_or(DEFAULT_THREADS),
+        threads,
         store: store_options(&args.image),
         frontend,
         keeper: args.keeper.clone(),
         takeover: args.takeover,
     };
-    if args.daemon {
-        return detach(args, ctx, &opts, prefetch_all);
-    }
     let reference = image_ref(&args.image)?;
     let m = ctx
         .stores()
@@ -77,132 +80,68 @@ pub fn run(args: &MountArgs, ctx: &Context, config: &MountConfig) -> anyhow::Res
         manifest: m.manifest,
         blobs: m.blobs,
     };
-    darter_daemon::mount(spec, &args.mountpoint, &opts, || {})
+    let node = NodeOptions {
+        cache_dir,
+        metrics_addr,
+    };
+    darter_daemon::mount(spec, &args.mountpoint, &node, &opts)
         .with_context(|| format!("mounting {} at {}", args.image, args.mountpoint.display()))?;
     Ok(Outcome::Success)
 }
 
-/// glibc malloc tuning for the daemon: one arena. By default each thread
-/// that frees chunk-sized buffers gets an arena of its own, and glibc keeps
-/// their freed memory: peak RSS was 1.6x the live data after reading every
-/// file of the python image. (A fixed mmap threshold returns it too, but
-/// mapping and unmapping every buffer made cold reads 1.5x slower.)
-const DAEMON_MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1";
-
-/// Runs the mount as a background process and returns once it serves:
-/// the same command in the foreground, in its own process group (so the
-/// terminal's signals do not reach it), logging to a file.
-fn detach(
-    args: &MountArgs,
-    ctx: &Context,
-    opts: &MountOptions,
-    prefetch_all: bool,
-) -> anyhow::Result<Outcome> {
-    let log_path = api::socket_path(&args.mountpoint).with_extension("log");
-    if let Some(dir) = log_path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // A daemon taking over appends to its predecessor's log.
-    let log = std::fs::File::options()
-        .create(true)
-        .write(true)
-        .append(opts.takeover)
-        .truncate(!opts.takeover)
-        .open(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("finding the darter executable")?;
-    let mut cmd = Command::new(exe);
-    if std::env::var_os("GLIBC_TUNABLES").is_none() {
-        cmd.env("GLIBC_TUNABLES", DAEMON_MALLOC_TUNABLES);
-    }
-    cmd.args(ctx.forwarded_flags());
-    if let Some((user, _)) = ctx.login() {
-        cmd.arg("--username").arg(user).arg("--password-stdin");
-    }
-    cmd.arg("mount")
-        .arg(&args.image)
-        .arg(&args.mountpoint)
-        .arg("--cache")
-        .arg(&opts.cache_dir);
-    cmd.arg("--prefetch")
-        .arg(if prefetch_all { "all" } else { "none" });
-    cmd.arg("--threads").arg(opts.threads.to_string());
-    cmd.arg("--frontend").arg(opts.frontend.as_str());
-    if let Some(addr) = opts.metrics_addr {
-        cmd.arg("--metrics-addr").arg(addr.to_string());
-    }
-    if let Some(keeper) = &opts.keeper {
-        cmd.arg("--keeper").arg(keeper);
-    }
-    if opts.takeover {
-        cmd.arg("--takeover");
-    }
-    let stdin = if ctx.login().is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    };
-    cmd.stdin(stdin)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .process_group(0);
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    if let (Some((_, password)), Some(mut stdin)) = (ctx.login(), child.stdin.take()) {
-        // The password goes through a pipe, never the command line or environment.
-        use std::io::Write as _;
-        stdin
-            .write_all(format!("{password}\n").as_bytes())
-            .context("passing the password to the mount daemon")?;
-    }
-    let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            bail!(
-                "the mount daemon exited ({status}) before serving:\n{}",
-                log.trim_end()
-            );
-        }
-        if api::query_stats(&args.mountpoint).is_ok_and(|r| r.pid == child.id()) {
-            println!(
-                "mounted {} at {} (pid {}, log {})",
-                args.image,
-                args.mountpoint.display(),
-                child.id(),
-                log_path.display()
-            );
-            return Ok(Outcome::Success);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!(
-                "the mount daemon did not serve {} within {:?}; see {}",
-                display(&args.mountpoint),
-                READY_TIMEOUT,
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn display(p: &Path) -> String {
-    p.display().to_string()
-}
-
-/// Chunk store tuning for where the image lives: from a local layout a
-/// request costs less than fetching a few hundred KiB more, so frames that
-/// follow are fetched along; over a network every extra byte counts.
-fn store_options(image: &str) -> darter_cache::StoreOptions {
-    let local = matches!(
-        darter_remote::ImageRef::parse(image),
-        Ok(darter_remote::ImageRef::Layout(_))
+/// `mount -d`: has the node daemon (started if none answers) serve the
+/// mount with its cache; returns once it does. The credentials travel in
+/// the request, on the daemon's 0600 socket.
+fn through_node_daemon(node: &NodeDaemon, request: &MountRequest) -> anyhow::Result<Outcome> {
+    node.ensure()?;
+    let report = api::request_mount(&node.socket, request).with_context(|| {
+        format!(
+            "mounting {} at {} (node daemon log {})",
+            request.image,
+            request.mountpoint.display(),
+            node.log_path().display()
+        )
+    })?;
+    println!(
+        "mounted {} at {} (pid {}, log {})",
+        request.image,
+        request.mountpoint.display(),
+        report.pid,
+        node.log_path().display()
     );
-    darter_cache::StoreOptions {
-        blob_readahead: if local { LOCAL_BLOB_READAHEAD } else { 0 },
-        ..darter_cache::StoreOptions::default()
+    Ok(Outcome::Success)
+}
+
+/// The frontend `--frontend` (or else the config file) names; FUSE by
+/// default.
+pub(super) fn frontend(flag: Option<&str>, config: &MountConfig) -> anyhow::Result<Frontend> {
+    let name = flag.or(config.frontend.as_deref()).unwrap_or("fuse");
+    Frontend::from_name(name)
+        .with_context(|| format!("--frontend must be fuse or erofs, not {name:?}"))
+}
+
+/// Whether `--prefetch` (or else the config file) says `all`.
+pub(super) fn prefetch_all(flag: Option<&str>, config: &MountConfig) -> anyhow::Result<bool> {
+    match flag.or(config.prefetch.as_deref()).unwrap_or("none") {
+        "none" => Ok(false),
+        "all" => Ok(true),
+        other => bail!("--prefetch must be none or all, not {other:?}"),
     }
 }
 
-/// Compressed bytes fetched along after a miss from a local layout.
-const LOCAL_BLOB_READAHEAD: u64 = 512 << 10;
+/// FUSE request threads: `--threads`, else the config file's.
+pub(super) fn threads(flag: Option<usize>, config: &MountConfig) -> usize {
+    flag.or(config.threads).unwrap_or(DEFAULT_THREADS)
+}
+
+/// Whether the config file says to reach `image`'s registry over plain
+/// HTTP.
+fn plain_http_config(config: &Config, image: &str) -> bool {
+    match darter_remote::ImageRef::parse(image) {
+        Ok(darter_remote::ImageRef::Registry(r)) => config
+            .registries
+            .get(r.registry())
+            .is_some_and(|entry| entry.plain_http),
+        _ => false,
+    }
+}

@@ -1,40 +1,36 @@
 //! `darter snapshotter`: containerd's proxy snapshotter, in the foreground,
-//! serving Darter images lazily: each image's top layer is a `darter mount
-//! -d` daemon of its own at the snapshot's directory. (One node daemon
-//! serving every image is the next step.)
+//! serving Darter images lazily: each image's top layer is a mount of the
+//! node daemon (`darter daemon` on `ROOT/daemon.sock`, started if none
+//! answers) at the snapshot's directory.
 //!
 //! The snapshotter is also the mounts' keeper (`darter_daemon::keeper`, on
 //! `ROOT/keeper.sock`): it holds a copy of each mount's FUSE device, so a
-//! daemon that dies (killed, crashed, SIGTERM) leaves its mount waiting
-//! rather than broken, and it starts `darter mount --takeover` to serve it
-//! again.
+//! node daemon that dies (killed, crashed, SIGTERM) leaves its mounts
+//! waiting rather than broken; it starts one new node daemon and has it
+//! take every such mount over.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use darter_daemon::api;
+use darter_daemon::api::{self, MountRequest};
 use darter_daemon::keeper::{Keeper, MountRecord};
-use darter_remote::{ImageRef, Stores};
+use darter_remote::ImageRef;
 use darter_snapshotter::{ImageLayers, LazyError, LazyMounts, MountStats, is_mount_point};
 
 use crate::cli::SnapshotterArgs;
 use crate::config::Config;
 
+use super::daemon::NodeDaemon;
 use super::pull::FetchedImage;
-use super::{Context, Outcome};
+use super::{Context, Outcome, RegistryClients};
 
-/// How long a mount daemon may take to exit once asked to.
-const UNMOUNT_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often to look whether it has.
+/// How often to look whether a mount is gone.
 const UNMOUNT_POLL: Duration = Duration::from_millis(20);
 /// How long an unmount waits for a mount to be idle before detaching it.
 const UNMOUNT_BUSY_WAIT: Duration = Duration::from_secs(5);
-/// How many times a lost daemon is restarted before giving up.
+/// How many times a lost mount's takeover is tried before giving up.
 const TAKEOVER_ATTEMPTS: u32 = 3;
 /// How long to wait before the next attempt (times the attempt).
 const TAKEOVER_BACKOFF: Duration = Duration::from_secs(1);
@@ -42,24 +38,30 @@ const TAKEOVER_BACKOFF: Duration = Duration::from_secs(1);
 pub fn run(args: &SnapshotterArgs, ctx: &Context, config: &Config) -> anyhow::Result<Outcome> {
     std::fs::create_dir_all(&args.root)
         .with_context(|| format!("creating {}", args.root.display()))?;
-    let daemons = Daemons {
-        exe: std::env::current_exe().context("finding the darter executable")?,
-        forward: ctx.forwarded_flags().to_vec(),
+    let mounts = Mounts {
+        node: NodeDaemon {
+            socket: args.root.join("daemon.sock"),
+            forward: ctx.forwarded_flags().to_vec(),
+            cache: None,
+            metrics: None,
+        },
         keeper: args.root.join("keeper.sock"),
+        frontend: super::mount::frontend(None, &config.mount)?,
+        prefetch_all: super::mount::prefetch_all(None, &config.mount)?,
+        threads: super::mount::threads(None, &config.mount),
+        restarting: Arc::new(Mutex::new(())),
     };
-    let restarter = daemons.clone();
+    let status = mounts.node.ensure()?;
+    tracing::info!(pid = status.pid, socket = %mounts.node.socket.display(), "the node daemon serves the lazy mounts");
+    let restarter = mounts.clone();
     let keeper = Keeper::listen(
-        &daemons.keeper,
+        &mounts.keeper,
         Box::new(move |lost| restarter.take_over_in_background(lost)),
     )
     .context("starting the mounts' keeper")?;
     let lazy = DarterMounts {
-        registries: RegistryReads {
-            config: config.client_config(&[], None),
-            plain_http: ctx.plain_http(),
-            stores: Mutex::new(HashMap::new()),
-        },
-        daemons,
+        registries: RegistryClients::new(config, ctx),
+        mounts,
         keeper,
     };
     darter_snapshotter::run_with(&args.root, &args.socket, Some(Arc::new(lazy)), args.metrics)
@@ -73,114 +75,115 @@ pub fn run(args: &SnapshotterArgs, ctx: &Context, config: &Config) -> anyhow::Re
     Ok(Outcome::Success)
 }
 
-/// The snapshotter's own registry reads (manifests and configs). Its
-/// images arrive at run time, so the global `--plain-http` applies to each
-/// registry as it comes (the CLI's stores know only the registries named
-/// on the command line, and the snapshotter's has none).
-struct RegistryReads {
-    config: darter_registry::ClientConfig,
-    plain_http: bool,
-    /// One client per registry (`""` for layouts), kept for its
-    /// connections and tokens.
-    stores: Mutex<HashMap<String, Arc<Stores>>>,
-}
-
-impl RegistryReads {
-    fn stores_for(&self, image: &ImageRef) -> Arc<Stores> {
-        let registry = match image {
-            ImageRef::Registry(r) => r.registry().to_owned(),
-            ImageRef::Layout(_) => String::new(),
-        };
-        let mut stores = self.stores.lock().unwrap_or_else(PoisonError::into_inner);
-        let made = stores.entry(registry.clone()).or_insert_with(|| {
-            let mut config = self.config.clone();
-            if self.plain_http && !registry.is_empty() {
-                config = config.with_plain_http(registry);
-            }
-            Arc::new(Stores::new(config))
-        });
-        Arc::clone(made)
-    }
-}
-
-/// Lazy mounts made by this `darter` binary: `darter mount IMAGE DIR -d`
-/// daemons, kept by this process.
+/// Lazy mounts made by this `darter` binary: mounts of the node daemon,
+/// kept by this process.
 struct DarterMounts {
-    registries: RegistryReads,
-    daemons: Daemons,
+    registries: RegistryClients,
+    mounts: Mounts,
     keeper: Arc<Keeper>,
 }
 
 impl std::fmt::Debug for DarterMounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DarterMounts")
-            .field("daemons", &self.daemons)
+            .field("mounts", &self.mounts)
             .finish_non_exhaustive()
     }
 }
 
-/// How mount daemons are started.
+/// The node daemon's mounts under this keeper.
 #[derive(Debug, Clone)]
-struct Daemons {
-    exe: PathBuf,
-    /// Global flags (config file, plain HTTP, verbosity) the mounts get too.
-    forward: Vec<OsString>,
+struct Mounts {
+    node: NodeDaemon,
     /// The keeper's socket.
     keeper: PathBuf,
+    frontend: darter_daemon::Frontend,
+    /// As the config file's `[mount]` says.
+    prefetch_all: bool,
+    threads: usize,
+    /// Held while a lost node daemon is being replaced: the losses of its
+    /// N mounts start one daemon, not N.
+    restarting: Arc<Mutex<()>>,
 }
 
-impl Daemons {
-    /// Runs `darter mount IMAGE MOUNTPOINT -d --keeper SOCKET EXTRA...`.
-    fn mount(&self, image: &str, mountpoint: &Path, extra: &[&str]) -> Result<(), LazyError> {
-        let output = Command::new(&self.exe)
-            .args(&self.forward)
-            .arg("mount")
-            .arg(image)
-            .arg(mountpoint)
-            .arg("-d")
-            .arg("--keeper")
-            .arg(&self.keeper)
-            .args(extra)
-            .stdin(Stdio::null())
-            .output()?;
-        if output.status.success() {
-            return Ok(());
-        }
-        Err(format!(
-            "darter mount exited with {}: {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim_end()
-        )
-        .into())
+impl Mounts {
+    /// Has the node daemon on `socket` mount `image` at `mountpoint` (or
+    /// take it over).
+    fn mount(
+        &self,
+        socket: &Path,
+        image: &str,
+        mountpoint: &Path,
+        frontend: darter_daemon::Frontend,
+        takeover: bool,
+    ) -> Result<api::StatsReport, LazyError> {
+        let request = MountRequest {
+            image: image.to_owned(),
+            mountpoint: mountpoint.to_owned(),
+            frontend,
+            prefetch_all: self.prefetch_all,
+            threads: self.threads,
+            keeper: Some(self.keeper.clone()),
+            takeover,
+            credentials: None,
+            plain_http: false,
+            cache_dir: None,
+        };
+        Ok(api::request_mount(socket, &request)?)
     }
 
-    /// Starts, on a thread of its own, a daemon that takes over the mount
-    /// whose daemon was `lost`.
+    /// Starts, on a thread of its own, the takeover of the mount whose
+    /// daemon was `lost`.
     fn take_over_in_background(&self, lost: MountRecord) {
-        let daemons = self.clone();
+        let mounts = self.clone();
         let spawned = std::thread::Builder::new()
             .name("darter-takeover".into())
-            .spawn(move || daemons.take_over(&lost));
+            .spawn(move || mounts.take_over(&lost));
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a daemon to take a mount over");
         }
     }
 
+    /// A node daemon that answers on `node`'s socket: the running one, or
+    /// one started now. Serialised, so the mounts of one dead daemon start
+    /// one new daemon.
+    fn restart_node(&self, node: &NodeDaemon) -> anyhow::Result<u32> {
+        let _one_at_a_time = self
+            .restarting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(node.ensure()?.pid)
+    }
+
     fn take_over(&self, lost: &MountRecord) {
         let why = "its daemon ended without its mount going away (killed, crashed or signalled)";
-        let frontend = lost.frontend.as_str();
+        // Where the lost daemon served, which is where the next one serves.
+        let node = NodeDaemon {
+            socket: lost
+                .daemon_socket
+                .clone()
+                .unwrap_or_else(|| self.node.socket.clone()),
+            ..self.node.clone()
+        };
         for attempt in 1..=TAKEOVER_ATTEMPTS {
-            let started = self.mount(
-                &lost.image,
-                &lost.mountpoint,
-                &["--takeover", "--frontend", frontend],
-            );
-            match started.and_then(|()| Ok(api::query_stats(&lost.mountpoint)?.pid)) {
-                Ok(new_pid) => {
+            let taken = self
+                .restart_node(&node)
+                .map_err(|e| LazyError::from(format!("{e:#}")))
+                .and_then(|_| {
+                    self.mount(
+                        &node.socket,
+                        &lost.image,
+                        &lost.mountpoint,
+                        lost.frontend,
+                        true,
+                    )
+                });
+            match taken {
+                Ok(report) => {
                     tracing::warn!(
                         mountpoint = %lost.mountpoint.display(),
                         old_pid = lost.pid,
-                        new_pid,
+                        new_pid = report.pid,
                         why,
                         "restarted a mount daemon"
                     );
@@ -204,7 +207,7 @@ impl Daemons {
 impl LazyMounts for DarterMounts {
     fn image_layers(&self, image: &str) -> Result<ImageLayers, LazyError> {
         let reference = ImageRef::parse(image)?;
-        let stores = self.registries.stores_for(&reference);
+        let stores = self.registries.stores_for(&reference, None, false);
         // The error with its causes, in one message.
         let fetched = FetchedImage::fetch(&stores, &reference).map_err(|err| format!("{err:#}"))?;
         Ok(ImageLayers {
@@ -223,7 +226,11 @@ impl LazyMounts for DarterMounts {
     }
 
     fn mount(&self, image: &str, mountpoint: &Path) -> Result<(), LazyError> {
-        self.daemons.mount(image, mountpoint, &[])
+        self.mounts.node.ensure().map_err(|e| format!("{e:#}"))?;
+        let socket = &self.mounts.node.socket;
+        self.mounts
+            .mount(socket, image, mountpoint, self.mounts.frontend, false)
+            .map(drop)
     }
 
     /// A daemon answers for `mountpoint` and something is mounted there (a
@@ -232,26 +239,19 @@ impl LazyMounts for DarterMounts {
         api::query_stats(mountpoint).is_ok() && is_mount_point(mountpoint)
     }
 
-    /// Stops keeping the mount, unmounts it (the kernel frontend's devices
-    /// too), which ends its daemon, and waits until the daemon has exited.
+    /// Stops keeping the mount and has the node daemon unmount it (the
+    /// kernel frontend's devices too) and forget it; what is still mounted
+    /// there then (no daemon answered) is unmounted here.
     fn unmount(&self, mountpoint: &Path) -> Result<(), LazyError> {
-        let kept = self.keeper.forget(mountpoint);
-        let report = api::query_stats(mountpoint).ok();
+        self.keeper.forget(mountpoint);
+        match api::request_unmount(&self.mounts.node.socket, mountpoint) {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::debug!(mountpoint = %mountpoint.display(), error = %e, "the node daemon did not unmount")
+            }
+        }
         unmount_when_idle(mountpoint)?;
         unmount_when_idle(&api::devices_dir(mountpoint))?;
-        let Some(pid) = report.map(|r| r.pid).or(kept.map(|k| k.pid)) else {
-            return Ok(());
-        };
-        let deadline = Instant::now() + UNMOUNT_TIMEOUT;
-        while is_running(pid) {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the mount daemon (pid {pid}) is still running after {UNMOUNT_TIMEOUT:?}"
-                )
-                .into());
-            }
-            std::thread::sleep(UNMOUNT_POLL);
-        }
         Ok(())
     }
 }
@@ -276,12 +276,4 @@ fn unmount_when_idle(path: &Path) -> Result<(), LazyError> {
             Err(e) => return Err(format!("unmounting {}: {e}", path.display()).into()),
         }
     }
-}
-
-/// Whether `pid` exists and is not a zombie.
-fn is_running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-    })
 }

@@ -1,7 +1,8 @@
 //! Helpers for the tests that mount images with the real `darter` binary
-//! through real FUSE: mount daemons that are unmounted and killed when the
-//! test ends (also when it fails), the counters `darter stats --json`
-//! reports, and where a chunk lives in a blob and in the chunk cache.
+//! through real FUSE: mounts that are unmounted, and daemons that are
+//! killed once they serve nothing, when the test ends (also when it
+//! fails), the counters `darter stats --json` reports, and where a chunk
+//! lives in a blob and in the chunk cache.
 //!
 //! A test binary using these declares `mod common; mod mount_common;`
 //! (the generic helpers for driving `darter` live in `common`).
@@ -161,13 +162,14 @@ enum Daemon {
     /// `darter mount` in the foreground: our child, in its own process
     /// group, logging to a file of ours.
     Foreground { child: ChildGuard },
-    /// `darter mount -d`: a daemon that is not our child.
-    Detached { pid: u32 },
+    /// `darter mount -d`: the node daemon on `socket`, not our child, which
+    /// may serve other mounts too.
+    Detached { pid: u32, socket: PathBuf },
 }
 
 /// A `darter mount` serving a directory. Dropping it unmounts the directory,
-/// gives the daemon a moment to finish cleanly (it removes its API socket)
-/// and then kills it.
+/// gives the daemon a moment to finish cleanly (it removes the mount's API
+/// socket) and then kills it (a node daemon only once it serves nothing).
 pub struct Mounted {
     mountpoint: PathBuf,
     /// Taken (unmounting) when the mount is dropped.
@@ -191,13 +193,15 @@ impl Mounted {
         )
     }
 
-    /// `darter mount -d ...`: returns once the command has returned (the
-    /// daemon serves by then).
+    /// `darter mount -d --socket SOCKET ...`, with the node daemon of the
+    /// test's cache ([`node_socket`]): returns once the command has
+    /// returned (the daemon serves by then).
     #[track_caller]
     pub fn detached(image: &str, mountpoint: &Path, cache: &Path, extra: &[&str]) -> Self {
         let mut cmd = mount_command(image, mountpoint, cache, extra);
-        cmd.arg("-d");
-        Self::run_detached(cmd, mountpoint, None)
+        let socket = node_socket(cache);
+        cmd.arg("-d").arg("--socket").arg(&socket);
+        Self::run_detached(cmd, mountpoint, &socket, None)
     }
 
     /// Runs `cmd`, a foreground `darter [FLAGS] mount ...` serving
@@ -223,11 +227,16 @@ impl Mounted {
         mounted
     }
 
-    /// Runs `cmd`, a `darter [FLAGS] mount -d ...` serving `mountpoint`,
-    /// with `stdin` written to it, and asserts that it returned only once
-    /// the daemon served, naming the daemon's pid and log.
+    /// Runs `cmd`, a `darter [FLAGS] mount -d --socket SOCKET ...` serving
+    /// `mountpoint`, with `stdin` written to it, and asserts that it
+    /// returned only once the node daemon served, naming its pid and log.
     #[track_caller]
-    pub fn run_detached(mut cmd: Command, mountpoint: &Path, stdin: Option<&[u8]>) -> Self {
+    pub fn run_detached(
+        mut cmd: Command,
+        mountpoint: &Path,
+        socket: &Path,
+        stdin: Option<&[u8]>,
+    ) -> Self {
         let guard = MountGuard::new(mountpoint);
         cmd.stdin(stdin_for(stdin))
             .stdout(Stdio::piped())
@@ -243,7 +252,7 @@ impl Mounted {
         );
         let counters = try_stats(mountpoint).expect("darter mount -d returned before serving");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let log = daemon_log_path(mountpoint);
+        let log = socket.with_extension("log");
         assert!(
             stdout.contains(&format!("pid {}", counters.pid))
                 && stdout.contains(&log.display().to_string()),
@@ -254,7 +263,10 @@ impl Mounted {
         Mounted {
             mountpoint: mountpoint.to_owned(),
             unmount: Some(guard),
-            daemon: Daemon::Detached { pid: counters.pid },
+            daemon: Daemon::Detached {
+                pid: counters.pid,
+                socket: socket.to_owned(),
+            },
             log,
         }
     }
@@ -287,7 +299,7 @@ impl Mounted {
     pub fn pid(&self) -> u32 {
         match &self.daemon {
             Daemon::Foreground { child } => child.id(),
-            Daemon::Detached { pid } => *pid,
+            Daemon::Detached { pid, .. } => *pid,
         }
     }
 
@@ -340,12 +352,8 @@ impl Drop for Mounted {
         drop(self.unmount.take());
         // Not wait_until: a panic while a failed test unwinds would abort.
         let deadline = Instant::now() + EXIT_GRACE;
-        while !self.daemon.exited() && Instant::now() < deadline {
+        while !self.daemon.done_with(&self.mountpoint) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
-        }
-        // A detached daemon logs to the shared runtime directory: tidy up.
-        if let Daemon::Detached { .. } = self.daemon {
-            let _ = std::fs::remove_file(&self.log);
         }
         // A kernel EROFS mount's devices, if a daemon about to be killed
         // still has them mounted: no stale mount outlives the test.
@@ -360,17 +368,37 @@ impl Daemon {
     fn exited(&mut self) -> bool {
         match self {
             Daemon::Foreground { child } => !matches!(child.child().try_wait(), Ok(None)),
-            Daemon::Detached { pid } => !Path::new(&format!("/proc/{pid}")).exists(),
+            Daemon::Detached { pid, .. } => !Path::new(&format!("/proc/{pid}")).exists(),
+        }
+    }
+
+    /// Whether the daemon no longer serves `mountpoint`: a foreground one
+    /// has exited, a node daemon has dropped the mount (or is gone).
+    fn done_with(&mut self, mountpoint: &Path) -> bool {
+        if self.exited() {
+            return true;
+        }
+        match self {
+            Daemon::Foreground { .. } => false,
+            Daemon::Detached { socket, .. } => darter_daemon::api::node_status(socket)
+                .map_or(true, |s| {
+                    s.mounts.iter().all(|m| m.report.mountpoint != mountpoint)
+                }),
         }
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // ChildGuard kills a foreground daemon itself. A detached one has
-        // exited after the unmount unless it hangs; make sure.
-        if let Daemon::Detached { pid } = self {
+        // ChildGuard kills a foreground daemon itself. A node daemon is
+        // killed once it serves nothing (the test's other mounts keep it).
+        if let Daemon::Detached { pid, socket } = self {
+            let serves =
+                darter_daemon::api::node_status(socket).is_ok_and(|s| !s.mounts.is_empty());
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if serves {
+                return;
+            }
             if cmdline.starts_with(DARTER.as_bytes())
                 && let Some(pid) = Pid::from_raw(*pid as i32)
             {
@@ -431,9 +459,26 @@ pub fn api_socket(mountpoint: &Path) -> PathBuf {
     darter_daemon::api::socket_path(mountpoint)
 }
 
-/// Where `darter mount -d` logs: beside the API socket.
+/// The node daemon socket the tests' `mount -d` use with the chunk cache
+/// `cache`: one daemon per test cache, so parallel tests never share one.
+pub fn node_socket(cache: &Path) -> PathBuf {
+    cache.with_extension("sock")
+}
+
+/// Where the node daemon serving `mountpoint` logs: beside its API socket
+/// (the `--socket` on its command line, else the default one).
 pub fn daemon_log_path(mountpoint: &Path) -> PathBuf {
-    api_socket(mountpoint).with_extension("log")
+    let socket = try_stats(mountpoint)
+        .and_then(|c| std::fs::read(format!("/proc/{}/cmdline", c.pid)).ok())
+        .and_then(|cmdline| {
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let at = args.iter().position(|a| *a == b"--socket")?;
+            Some(PathBuf::from(
+                String::from_utf8_lossy(args.get(at + 1)?).into_owned(),
+            ))
+        })
+        .unwrap_or_else(darter_daemon::api::default_node_socket);
+    socket.with_extension("log")
 }
 
 /// True if `path` is a mount point now (per /proc/self/mountinfo).

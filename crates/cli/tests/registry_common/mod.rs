@@ -302,6 +302,10 @@ impl RegistryMount {
         spec: &MountSpec<'_>,
     ) -> Self {
         std::fs::create_dir_all(mountpoint).unwrap();
+        // A node daemon of this mount's own (unless the test names one),
+        // its files beside the mount.
+        let mut socket = mountpoint.as_os_str().to_owned();
+        socket.push(".sock");
         let mut args: Vec<&OsStr> = Vec::new();
         if let Some((user, _)) = spec.login {
             args.extend([
@@ -319,6 +323,9 @@ impl RegistryMount {
         ]);
         if spec.detach {
             args.push(OsStr::new("-d"));
+            if !spec.extra.contains(&"--socket") {
+                args.extend([OsStr::new("--socket"), &socket]);
+            }
         }
         args.extend(spec.extra.iter().map(OsStr::new));
         let password = spec.login.map(|(_, password)| format!("{password}\n"));
@@ -402,7 +409,7 @@ impl RegistryMount {
 impl Drop for Daemon {
     fn drop(&mut self) {
         // A foreground daemon is killed by its ChildGuard. A detached one
-        // exits after the unmount unless it hangs: make sure.
+        // is a node daemon of this mount's own, which outlives the mount.
         if let Daemon::Detached(pid) = self {
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if cmdline.starts_with(DARTER.as_bytes())
