@@ -66,7 +66,7 @@ impl<S: BlobSource> Image<S> {
         let boot_desc = manifest
             .layers()
             .iter()
-            .rfind(|l| l.media_type().to_string() == media::MEDIA_TYPE_BOOTSTRAP)
+            .rfind(|l| media::is_bootstrap_media_type(l.media_type().as_ref()))
             .ok_or_else(|| {
                 bad(format!(
                     "no layer of type {}: not a Darter image (convert it with `darter build`)",

@@ -77,9 +77,9 @@ impl FetchedImage {
             .open_manifest(image, None)
             .with_context(|| format!("reading the manifest of {image}"))?;
         let layers = opened.manifest.layers();
-        let is_darter = layers.last().is_some_and(|l| {
-            l.media_type().to_string() == darter_format::oci::MEDIA_TYPE_BOOTSTRAP
-        });
+        let is_darter = layers
+            .last()
+            .is_some_and(|l| darter_format::oci::is_bootstrap_media_type(l.media_type().as_ref()));
         let layer_descriptors = layers
             .iter()
             .map(|l| {

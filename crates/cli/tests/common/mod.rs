@@ -328,9 +328,9 @@ pub fn manifest(layout: &Path, tag: &str) -> Value {
 }
 
 /// Media type of Darter blob layers.
-pub const BLOB_MEDIA_TYPE: &str = "application/vnd.darter.blob.v1";
+pub const BLOB_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.darter.blob.v1";
 /// Media type of the bootstrap layer.
-pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.darter.bootstrap.v1+zstd";
+pub const BOOTSTRAP_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.darter.bootstrap.v1+zstd";
 
 /// Digests of the data blobs of image `tag`, in device order.
 pub fn data_blob_digests(layout: &Path, tag: &str) -> Vec<String> {
