@@ -419,13 +419,7 @@ impl BlobSource for MemoryBlobs {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
-        let fail = |detail: &str| SourceError {
-            digest: digest.to_string(),
-            offset,
-            len,
-            source_name: self.name(),
-            detail: detail.to_owned(),
-        };
+        let fail = |detail: &str| SourceError::new(self, digest, offset, len, detail);
         let blob = self.0.get(digest).ok_or_else(|| fail("no such blob"))?;
         let start = usize::try_from(offset).map_err(|_| fail("offset too large"))?;
         let end = start

@@ -23,6 +23,26 @@ pub struct SourceError {
     pub detail: String,
 }
 
+impl SourceError {
+    /// A failed read of `len` bytes at `offset` of blob `digest` from
+    /// `source`, because of `detail`.
+    pub fn new(
+        source: &(impl BlobSource + ?Sized),
+        digest: &OciDigest,
+        offset: u64,
+        len: u64,
+        detail: impl Into<String>,
+    ) -> SourceError {
+        SourceError {
+            digest: digest.to_string(),
+            offset,
+            len,
+            source_name: source.name(),
+            detail: detail.into(),
+        }
+    }
+}
+
 /// Random access to the blobs of an image, by digest.
 pub trait BlobSource: Send + Sync {
     /// Reads exactly `len` bytes at `offset` of blob `digest`.
@@ -71,13 +91,7 @@ impl BlobSource for LayoutBlobs {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
-        let err = |detail: String| SourceError {
-            digest: digest.to_string(),
-            offset,
-            len,
-            source_name: self.name(),
-            detail,
-        };
+        let err = |detail: String| SourceError::new(self, digest, offset, len, detail);
         let len_usize = usize::try_from(len).map_err(|_| err("length too large".into()))?;
         let mut buf = vec![0u8; len_usize];
         self.file(digest)

@@ -40,13 +40,7 @@ impl BlobSource for RegistryBlobs {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, SourceError> {
-        let err = |detail: String| SourceError {
-            digest: digest.to_string(),
-            offset,
-            len,
-            source_name: self.name(),
-            detail,
-        };
+        let err = |detail: String| SourceError::new(self, digest, offset, len, detail);
         if len == 0 {
             return Ok(Vec::new());
         }
