@@ -97,10 +97,14 @@ fn peers_fetching_one_blob_at_once_take_it_from_the_registry_about_once() {
     }
 
     // The seed fetched the blob from the registry once; the others took
-    // every piece from peers.
+    // every piece from peers. Every piece was checked along the sha256
+    // chain the seed recorded, so no peer read a byte back to hash the
+    // whole blob.
     let size = BLOB_SIZE as u64;
     assert_eq!(seed.counter("bytes_from_origin"), size);
+    assert_eq!(seed.counter("bytes_rehashed"), 0);
     for peer in &peers {
+        assert_eq!(peer.counter("bytes_rehashed"), 0);
         assert_eq!(peer.counter("bytes_from_origin"), 0);
         assert_eq!(peer.counter("bytes_from_peers"), size);
         assert_eq!(peer.counter("bytes_served_to_clients"), size);

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod buffer;
 mod http;
 mod metrics;
 mod mirror;

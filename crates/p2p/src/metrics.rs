@@ -15,10 +15,11 @@ pub struct Counters {
     pub bytes_served_to_clients: AtomicU64,
     pub bad_pieces: AtomicU64,
     pub origin_fallbacks: AtomicU64,
+    pub bytes_rehashed: AtomicU64,
 }
 
 /// (name, help, value) of each counter.
-fn counter_table(c: &Counters) -> [(&'static str, &'static str, &AtomicU64); 6] {
+fn counter_table(c: &Counters) -> [(&'static str, &'static str, &AtomicU64); 7] {
     [
         (
             "bytes_from_origin",
@@ -49,6 +50,11 @@ fn counter_table(c: &Counters) -> [(&'static str, &'static str, &AtomicU64); 6] 
             "origin_fallbacks",
             "Fetches from the origin because no peer could serve in time or the scheduler was down.",
             &c.origin_fallbacks,
+        ),
+        (
+            "bytes_rehashed",
+            "Blob bytes read back from the store to hash the whole blob (pieces not checked along the sha256 chain on receipt).",
+            &c.bytes_rehashed,
         ),
     ]
 }
@@ -180,6 +186,7 @@ pub struct PeerStatus {
     pub bytes_served_to_clients: u64,
     pub bad_pieces: u64,
     pub origin_fallbacks: u64,
+    pub bytes_rehashed: u64,
 }
 
 impl PeerStatus {
@@ -199,6 +206,7 @@ impl PeerStatus {
             bytes_served_to_clients: value("bytes_served_to_clients")?,
             bad_pieces: value("bad_pieces")?,
             origin_fallbacks: value("origin_fallbacks")?,
+            bytes_rehashed: value("bytes_rehashed")?,
         })
     }
 

@@ -245,7 +245,7 @@ async fn send_pieces(
         let range = task.layout.range(index);
         let from = bytes.start.max(range.start) - range.start;
         let to = bytes.end.min(range.end) - range.start;
-        let slice = Bytes::from(piece).slice(from as usize..to as usize);
+        let slice = Bytes::from_owner(piece).slice(from as usize..to as usize);
         if Some(index) == last_piece {
             task.wait_for(|s| s.outcome == Outcome::Verified).await?;
         }

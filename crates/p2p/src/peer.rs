@@ -12,7 +12,7 @@ use tracing::info;
 use crate::P2pError;
 use crate::http::serve;
 use crate::mirror::Mirror;
-use crate::piece_server::PieceServer;
+use crate::piece_server::{PieceServer, SeedRation};
 use crate::scheduler_client::{Identity, SchedulerLink};
 use crate::store::PieceStore;
 use crate::task::Peer;
@@ -102,6 +102,8 @@ pub fn run_peer(config: &PeerConfig) -> Result<(), P2pError> {
             peer: peer.clone(),
             token: config.token.clone(),
             active_uploads,
+            upload_capacity: config.upload_capacity,
+            ration: SeedRation::default(),
         });
         tokio::spawn(serve(pieces, move |request| {
             piece_server.clone().handle(request)

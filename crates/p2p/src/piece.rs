@@ -61,6 +61,87 @@ impl fmt::Display for BlobDigest {
     }
 }
 
+/// The sha256 of a blob, stopped after a whole number of 64-byte blocks:
+/// the eight state words of the compression function. A seed records the
+/// state after each piece it hashed in order; a peer then verifies piece
+/// `k` by hashing it on from the state after piece `k - 1` and comparing
+/// with the state after `k` (the last piece: finishing gives the blob's
+/// digest). Each byte is hashed once, and pieces verified that way chain,
+/// state to state, from sha256's initial value to the blob's digest: no
+/// second pass over the blob is needed to check it whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainState([u32; 8]);
+
+impl ChainState {
+    /// sha256's initial value: the state before the first piece.
+    pub const INITIAL: ChainState = ChainState([
+        0x6a09_e667,
+        0xbb67_ae85,
+        0x3c6e_f372,
+        0xa54f_f53a,
+        0x510e_527f,
+        0x9b05_688c,
+        0x1f83_d9ab,
+        0x5be0_cd19,
+    ]);
+
+    /// The state after hashing `bytes` on from this one; `None` unless
+    /// `bytes` is a whole number of blocks.
+    pub fn advance(self, bytes: &[u8]) -> Option<ChainState> {
+        let (blocks, rest) = bytes.as_chunks::<64>();
+        if !rest.is_empty() {
+            return None;
+        }
+        let mut state = self.0;
+        sha2::block_api::compress256(&mut state, blocks);
+        Some(ChainState(state))
+    }
+
+    /// The digest of a blob of `total` bytes whose last bytes, `tail`, are
+    /// hashed on from this state.
+    pub fn finish(self, tail: &[u8], total: u64) -> BlobDigest {
+        let (blocks, rest) = tail.as_chunks::<64>();
+        let mut state = self.0;
+        sha2::block_api::compress256(&mut state, blocks);
+        // Padding: 0x80, zeros, then the length in bits, big-endian, to
+        // end on a block boundary (one block, or two if the length does
+        // not fit after the rest).
+        let mut padding = [0u8; 128];
+        padding[..rest.len()].copy_from_slice(rest);
+        padding[rest.len()] = 0x80;
+        let end = if rest.len() < 56 { 64 } else { 128 };
+        padding[end - 8..end].copy_from_slice(&total.wrapping_mul(8).to_be_bytes());
+        let (padded, _) = padding[..end].as_chunks::<64>();
+        sha2::block_api::compress256(&mut state, padded);
+        let mut digest = [0u8; 32];
+        for (out, word) in digest.chunks_exact_mut(4).zip(state) {
+            out.copy_from_slice(&word.to_be_bytes());
+        }
+        BlobDigest(digest)
+    }
+
+    /// The wire form: 64 lowercase hex digits of the words, big-endian.
+    pub fn to_hex(self) -> String {
+        let bytes: Vec<u8> = self.0.iter().flat_map(|w| w.to_be_bytes()).collect();
+        hex::encode(bytes)
+    }
+
+    /// From [`Self::to_hex`]'s form; `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<ChainState> {
+        let lowercase = text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if text.len() != 64 || !lowercase {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        let mut words = [0u32; 8];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(4)) {
+            *word = u32::from_be_bytes(chunk.try_into().ok()?);
+        }
+        Some(ChainState(words))
+    }
+}
+
 /// How a blob of `size` bytes is cut into pieces of `piece_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PieceLayout {
@@ -186,6 +267,42 @@ pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chained_states_finish_to_the_sha256_of_the_whole() {
+        for len in [
+            0usize, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 129, 1000, 4113,
+        ] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 31 % 256) as u8).collect();
+            let expected = BlobDigest::of(&data);
+            // Cut into a prefix of whole blocks and a tail, in pieces of one
+            // block and of two.
+            for piece in [64, 128] {
+                let whole = len / piece * piece;
+                let mut state = ChainState::INITIAL;
+                for chunk in data[..whole].chunks(piece) {
+                    let next = state.advance(chunk).unwrap();
+                    assert_eq!(ChainState::from_hex(&next.to_hex()), Some(next));
+                    state = next;
+                }
+                assert_eq!(
+                    state.finish(&data[whole..], len as u64),
+                    expected,
+                    "{len}/{piece}"
+                );
+            }
+            assert_eq!(ChainState::INITIAL.finish(&data, len as u64), expected);
+        }
+    }
+
+    #[test]
+    fn chain_states_need_whole_blocks_and_canonical_hex() {
+        assert_eq!(ChainState::INITIAL.advance(&[0; 65]), None);
+        assert_eq!(ChainState::INITIAL.advance(&[]), Some(ChainState::INITIAL));
+        for bad in ["", "00", &"A".repeat(64), &"0".repeat(65), &"g".repeat(64)] {
+            assert_eq!(ChainState::from_hex(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn digests_parse_only_in_canonical_form() {

@@ -3,10 +3,13 @@
 //! by digest and piece index. Pieces are sent as stored: the fetching peer
 //! verifies each against the digest recorded from the origin (a peer whose
 //! disk corrupted a piece is reported and no longer chosen). A seed also
-//! takes orders to fetch a task from the origin (`POST /tasks/<digest>`).
+//! takes orders to fetch a task from the origin (`POST /tasks/<digest>`),
+//! and rations its copies of each piece ([`SeedRation`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
@@ -29,6 +32,54 @@ pub struct PieceServer {
     pub token: Vec<u8>,
     /// Piece uploads in progress (reported to the scheduler as load).
     pub active_uploads: Arc<AtomicU32>,
+    /// Most piece uploads at once; more are answered 503 at once, and the
+    /// peer asking tries another parent. A parent that took every request
+    /// would share its link among all of them, and a seed's link carries
+    /// what it fetches from the origin too.
+    pub upload_capacity: u32,
+    /// A seed's copies of each piece so far.
+    pub ration: SeedRation,
+}
+
+/// Copies of a piece a seed sends at once, before peers hold it.
+const SEED_COPIES: u32 = 2;
+/// After those, one more copy of the piece each this long.
+const SEED_COPY_INTERVAL: Duration = Duration::from_secs(1);
+/// Pieces a ration remembers before it forgets old ones.
+const RATION_ENTRIES: usize = 65_536;
+/// How long a ration remembers a piece, once it has too many.
+const RATION_MEMORY: Duration = Duration::from_secs(120);
+
+/// A seed sends each piece to a few peers and leaves the rest to fetch it
+/// from them. All peers following a blob as it arrives from the origin
+/// want each new piece at once, when the seed is its only holder: served
+/// to all of them, the seed's link would carry every copy (and the fetch
+/// from the origin would slow down behind them). Refused peers ask another
+/// parent a moment later. More copies are allowed as time passes, so a
+/// piece whose first takers died still spreads.
+#[derive(Debug, Default)]
+pub struct SeedRation {
+    sent: Mutex<HashMap<(BlobDigest, usize), (u32, Instant)>>,
+}
+
+impl SeedRation {
+    /// Whether one more copy of piece `index` of `task` may go now; counts
+    /// it if so.
+    pub fn allow(&self, task: &BlobDigest, index: usize, now: Instant) -> bool {
+        let mut sent = self.sent.lock().unwrap_or_else(PoisonError::into_inner);
+        if sent.len() >= RATION_ENTRIES {
+            sent.retain(|_, (_, first)| now.duration_since(*first) < RATION_MEMORY);
+        }
+        let (copies, first) = sent.entry((*task, index)).or_insert((0, now));
+        let waited = now.duration_since(*first).as_millis() / SEED_COPY_INTERVAL.as_millis();
+        let allowed = u128::from(SEED_COPIES) + waited;
+        if u128::from(*copies) < allowed {
+            *copies += 1;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// Decrements the upload count when an upload ends, however it ends.
@@ -91,15 +142,24 @@ impl PieceServer {
         if !task.state.borrow().have.get(index) {
             return text(404, "no such piece\n");
         }
-        self.active_uploads.fetch_add(1, Ordering::Relaxed);
+        if self.peer.seed && !self.ration.allow(digest, index, Instant::now()) {
+            return text(
+                503,
+                "this seed sent the piece to enough peers: ask one of them\n",
+            );
+        }
+        let started = self.active_uploads.fetch_add(1, Ordering::Relaxed);
         let _upload = Upload(&self.active_uploads);
+        if started >= self.upload_capacity {
+            return text(503, "all upload slots are busy\n");
+        }
         match self.peer.read_piece(&task, index).await {
             Ok(bytes) => {
                 Counters::add(
                     &self.peer.counters.bytes_served_to_peers,
                     bytes.len() as u64,
                 );
-                Response::new(full(bytes))
+                Response::new(full(bytes::Bytes::from_owner(bytes)))
             }
             Err(error) => {
                 warn!(task = %digest, piece = index, %error, "cannot read a piece to serve");
@@ -135,5 +195,27 @@ impl PieceServer {
             }
             Err(error) => text(503, format!("{error}\n")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_sends_a_few_copies_of_a_piece_then_one_more_each_interval() {
+        let ration = SeedRation::default();
+        let task = BlobDigest::of(b"blob");
+        let start = Instant::now();
+        assert!(ration.allow(&task, 0, start));
+        assert!(ration.allow(&task, 0, start));
+        assert!(!ration.allow(&task, 0, start));
+        // Other pieces and tasks have their own rations.
+        assert!(ration.allow(&task, 1, start));
+        assert!(ration.allow(&BlobDigest::of(b"other"), 0, start));
+        let later = start + SEED_COPY_INTERVAL;
+        assert!(ration.allow(&task, 0, later));
+        assert!(!ration.allow(&task, 0, later));
+        assert!(ration.allow(&task, 0, start + 3 * SEED_COPY_INTERVAL));
     }
 }

@@ -75,6 +75,8 @@ struct TaskInfo {
     /// `sha256:<hex>` per piece, "" until the peer fetching from the
     /// origin reports it.
     piece_digests: Vec<String>,
+    /// The chained sha256 state after each piece, from the same source.
+    chain_states: Vec<String>,
     holders: HashMap<String, Bitmap>,
     /// Holders that verified the whole blob.
     verified: HashSet<String>,
@@ -88,27 +90,35 @@ impl TaskInfo {
             size,
             piece_size,
             piece_digests: vec![String::new(); count],
+            chain_states: vec![String::new(); count],
             holders: HashMap::new(),
             verified: HashSet::new(),
             origin_fetchers: HashSet::new(),
         }
     }
 
-    /// Takes the digests of pieces still unknown; a digest that contradicts
-    /// a known one is ignored (the first report from the origin wins).
-    fn learn_digests(&mut self, digests: &[String], from: &str) {
-        for (mine, theirs) in self.piece_digests.iter_mut().zip(digests) {
-            if theirs.is_empty() {
-                continue;
-            }
-            if mine.is_empty() {
-                theirs.clone_into(mine);
-            } else if mine != theirs {
-                warn!(
-                    peer = from,
-                    "ignoring a piece digest that contradicts the known one"
-                );
-            }
+    /// Takes the digests and chain states of pieces still unknown.
+    fn learn(&mut self, digests: &[String], chain_states: &[String], from: &str) {
+        learn_unknown(&mut self.piece_digests, digests, from);
+        learn_unknown(&mut self.chain_states, chain_states, from);
+    }
+}
+
+/// Fills the entries of `known` still empty from `reported`; an entry that
+/// contradicts a known one is ignored (the first report from the origin
+/// wins).
+fn learn_unknown(known: &mut [String], reported: &[String], from: &str) {
+    for (mine, theirs) in known.iter_mut().zip(reported) {
+        if theirs.is_empty() {
+            continue;
+        }
+        if mine.is_empty() {
+            theirs.clone_into(mine);
+        } else if mine != theirs {
+            warn!(
+                peer = from,
+                "ignoring a piece digest or chain state that contradicts the known one"
+            );
         }
     }
 }
@@ -238,7 +248,11 @@ impl SchedulerState {
         let trusted = info.origin_fetchers.contains(&request.peer_id)
             || (request.complete && info.piece_digests.iter().any(String::is_empty));
         if trusted {
-            info.learn_digests(&request.piece_digests, &request.peer_id);
+            info.learn(
+                &request.piece_digests,
+                &request.chain_states,
+                &request.peer_id,
+            );
         }
         if request.complete {
             info.origin_fetchers.remove(&request.peer_id);
@@ -293,6 +307,7 @@ impl SchedulerState {
             parents,
             piece_size: info.piece_size,
             piece_digests: info.piece_digests.clone(),
+            chain_states: info.chain_states.clone(),
         };
         for parent in &answer.parents {
             if let Some(peer) = self.peers.get_mut(&parent.peer_id) {
@@ -334,6 +349,7 @@ impl SchedulerState {
                 data_addr: peer.data_addr.clone(),
                 have: have.wire().to_vec(),
                 complete: have.is_full(),
+                seed: peer.seed,
             })
             .collect()
     }
@@ -361,6 +377,7 @@ impl SchedulerState {
             data_addr: peer.data_addr.clone(),
             have: Vec::new(),
             complete: false,
+            seed: true,
         })
     }
 

@@ -22,6 +22,15 @@ use crate::proto::{
 };
 use crate::store::{PieceStore, TaskMeta};
 
+/// What a peer knows to check pieces of a task with, in wire form: each
+/// piece's sha256 and the chained sha256 states (see
+/// [`crate::piece::ChainState`]), "" where unknown.
+#[derive(Debug, Clone, Default)]
+pub struct PieceProofs {
+    pub digests: Vec<String>,
+    pub chain_states: Vec<String>,
+}
+
 /// How long one call to the scheduler may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to wait before trying an unreachable scheduler again.
@@ -153,18 +162,22 @@ impl SchedulerLink {
             piece_size: meta.piece_size,
         };
         let have = Bitmap::full(layout.count());
-        self.report(task, layout, &have, true, meta.piece_digests.clone())
-            .await;
+        let proofs = PieceProofs {
+            digests: meta.piece_digests.clone(),
+            chain_states: meta.piece_chain.clone(),
+        };
+        self.report(task, layout, &have, true, proofs).await;
     }
 
-    /// Reports the pieces held of a task (and the piece digests known).
+    /// Reports the pieces held of a task (and what is known to check
+    /// pieces with).
     pub async fn report(
         &self,
         task: &BlobDigest,
         layout: PieceLayout,
         have: &Bitmap,
         complete: bool,
-        piece_digests: Vec<String>,
+        proofs: PieceProofs,
     ) {
         let request = ReportRequest {
             peer_id: self.identity.peer_id.clone(),
@@ -173,7 +186,8 @@ impl SchedulerLink {
             piece_size: layout.piece_size,
             have: have.wire().to_vec(),
             complete,
-            piece_digests,
+            piece_digests: proofs.digests,
+            chain_states: proofs.chain_states,
         };
         if let Err(status) = self.client.clone().report(request).await {
             debug!(%task, %status, "report not delivered");

@@ -5,17 +5,25 @@
 //! checked against). Only complete tasks survive a restart. When
 //! a new task would pass the size limit, the least recently used complete
 //! tasks no one is reading are deleted whole.
+//!
+//! Pieces are written and read with direct I/O where the filesystem
+//! allows it: a peer passes each blob through once and serves it from the
+//! disk, and filling the page cache with it costs more CPU than the rest
+//! of the peer's work on a virtual machine (every new page is a fault in
+//! the host). Where direct I/O is refused (tmpfs, some network
+//! filesystems) or a piece is not aligned, the page cache is used.
 
 use std::collections::HashMap;
-use std::io::{Read as _, Seek as _, SeekFrom};
-use std::os::unix::fs::FileExt as _;
+use std::fs::File;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::piece::BlobDigest;
+use crate::buffer::{BufferPool, DIRECT_IO_ALIGN, PieceBuf};
+use crate::piece::{BlobDigest, PIECE_SIZE};
 
 /// What `meta.json` records of a complete task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,6 +36,11 @@ pub struct TaskMeta {
     /// for a client (absent in stores of older peers: sha256 is checked).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub piece_sums: Vec<String>,
+    /// The chained sha256 state after each piece (hex, "" where unknown),
+    /// passed on to peers that fetch from this one (absent in stores of
+    /// older peers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub piece_chain: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +91,9 @@ pub struct PieceStore {
     root: PathBuf,
     limit: u64,
     index: Mutex<Index>,
+    pool: Arc<BufferPool>,
+    /// Whether the filesystem takes direct I/O.
+    direct: bool,
 }
 
 /// Keeps a task out of GC while it is fetched or read.
@@ -99,6 +115,12 @@ impl PieceStore {
     /// Opens (creating) the store at `root`, keeping complete tasks and
     /// deleting partial ones.
     pub fn open(root: &Path, limit: u64) -> Result<Arc<PieceStore>, StoreError> {
+        std::fs::create_dir_all(root).map_err(io_error(root))?;
+        PieceStore::open_with_io(root, limit, takes_direct_io(root))
+    }
+
+    /// As [`Self::open`], with direct I/O or without.
+    fn open_with_io(root: &Path, limit: u64, direct: bool) -> Result<Arc<PieceStore>, StoreError> {
         let tasks_dir = root.join("tasks");
         std::fs::create_dir_all(&tasks_dir).map_err(io_error(&tasks_dir))?;
         let mut index = Index::default();
@@ -127,6 +149,8 @@ impl PieceStore {
             root: root.to_owned(),
             limit,
             index: Mutex::new(index),
+            pool: BufferPool::new(PIECE_SIZE as usize),
+            direct,
         }))
     }
 
@@ -208,40 +232,83 @@ impl PieceStore {
         remove_dir(&dir);
         std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
         let data = self.data_path(task);
-        let file = std::fs::File::create(&data).map_err(io_error(&data))?;
+        let file = File::create(&data).map_err(io_error(&data))?;
         file.set_len(size).map_err(io_error(&data))?;
         Ok(self.pin_counted(*task))
     }
 
-    /// Writes bytes of a task at `offset`.
-    pub fn write(&self, task: &BlobDigest, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
-        let data = self.data_path(task);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&data)
-            .map_err(io_error(&data))?;
-        file.write_all_at(bytes, offset).map_err(io_error(&data))
+    /// A buffer for `len` bytes of a piece, to fill and [`Self::write`].
+    pub fn buffer(&self, len: usize) -> PieceBuf {
+        self.pool.take(len)
     }
 
-    /// Reads `len` bytes of a task at `offset` (into a buffer not zeroed
-    /// first: a piece is megabytes, and every read is one).
-    pub fn read(&self, task: &BlobDigest, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+    /// Whether bytes at `offset` go through direct I/O.
+    fn direct_at(&self, offset: u64) -> bool {
+        self.direct && offset.is_multiple_of(DIRECT_IO_ALIGN as u64)
+    }
+
+    fn open_data(&self, task: &BlobDigest, write: bool, direct: bool) -> Result<File, StoreError> {
         let data = self.data_path(task);
-        let mut file = std::fs::File::open(&data).map_err(io_error(&data))?;
-        file.seek(SeekFrom::Start(offset))
-            .map_err(io_error(&data))?;
-        let mut buf = Vec::with_capacity(len);
-        file.take(len as u64)
-            .read_to_end(&mut buf)
-            .map_err(io_error(&data))?;
-        if buf.len() != len {
+        let mut options = std::fs::OpenOptions::new();
+        options.read(!write).write(write);
+        if direct {
+            options.custom_flags(O_DIRECT);
+        }
+        options.open(&data).map_err(io_error(&data))
+    }
+
+    /// Writes a piece of a task at `offset`.
+    pub fn write(
+        &self,
+        task: &BlobDigest,
+        offset: u64,
+        piece: &mut PieceBuf,
+    ) -> Result<(), StoreError> {
+        let direct = self.direct_at(offset);
+        let file = self.open_data(task, true, direct)?;
+        let data = || self.data_path(task);
+        if !direct {
+            return file.write_all_at(piece, offset).map_err(io_error(&data()));
+        }
+        let len = piece.len();
+        file.write_all_at(piece.aligned_for_write(), offset)
+            .map_err(io_error(&data()))?;
+        if !len.is_multiple_of(DIRECT_IO_ALIGN) {
+            // Only a blob's last piece is short: cut the slack off again.
+            file.set_len(offset + len as u64)
+                .map_err(io_error(&data()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes of a task at `offset`.
+    pub fn read(&self, task: &BlobDigest, offset: u64, len: usize) -> Result<PieceBuf, StoreError> {
+        let direct = self.direct_at(offset);
+        let file = self.open_data(task, false, direct)?;
+        let mut piece = self.pool.take(len);
+        let target = if direct {
+            piece.aligned_mut()
+        } else {
+            &mut piece[..]
+        };
+        let mut got = 0;
+        while got < len {
+            match file.read_at(&mut target[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_error(&self.data_path(task))(e)),
+            }
+        }
+        if got < len {
             let short = std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("{} of {len} bytes at offset {offset}", buf.len()),
+                format!("{got} of {len} bytes at offset {offset}"),
             );
-            return Err(io_error(&data)(short));
+            return Err(io_error(&self.data_path(task))(short));
         }
-        Ok(buf)
+        piece.truncate(len);
+        Ok(piece)
     }
 
     /// Records a verified task as complete.
@@ -306,6 +373,30 @@ fn load_task(dir: &Path) -> Option<(BlobDigest, TaskMeta)> {
     (data_len == meta.size).then_some((task, meta))
 }
 
+/// `O_DIRECT`, as `OpenOptionsExt::custom_flags` takes it.
+const O_DIRECT: i32 = rustix::fs::OFlags::DIRECT.bits() as i32;
+
+/// Whether files in `dir` take direct I/O: a probe file is written once.
+fn takes_direct_io(dir: &Path) -> bool {
+    let probe = dir.join(".direct-io-probe");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(O_DIRECT)
+        .open(&probe)
+        .and_then(|file| {
+            let pool = BufferPool::new(DIRECT_IO_ALIGN);
+            let mut block = pool.take(DIRECT_IO_ALIGN);
+            file.write_all_at(block.aligned_for_write(), 0)
+        });
+    let _ = std::fs::remove_file(&probe);
+    if let Err(error) = &written {
+        info!(dir = %dir.display(), %error, "no direct I/O here: pieces go through the page cache");
+    }
+    written.is_ok()
+}
+
 fn remove_dir(dir: &Path) {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => {}
@@ -324,6 +415,7 @@ mod tests {
             piece_size: size,
             piece_digests: vec![BlobDigest::of(b"x").to_string()],
             piece_sums: vec![blake3::hash(b"x").to_hex().to_string()],
+            piece_chain: Vec::new(),
         }
     }
 
@@ -336,9 +428,40 @@ mod tests {
         let store = PieceStore::open(dir, 1000).unwrap();
         let size = data.len() as u64;
         drop(store.create(&task(1), size).unwrap());
-        store.write(&task(1), 0, data).unwrap();
+        write(&store, 1, 0, data);
         store.finish(&task(1), meta(size)).unwrap();
         store
+    }
+
+    fn write(store: &PieceStore, n: u8, offset: u64, data: &[u8]) {
+        let mut piece = store.buffer(data.len());
+        piece.copy_from_slice(data);
+        store.write(&task(n), offset, &mut piece).unwrap();
+    }
+
+    #[test]
+    fn pieces_read_back_as_written_with_and_without_direct_io() {
+        for direct in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let store = PieceStore::open_with_io(dir.path(), 1 << 20, direct).unwrap();
+            assert_eq!(store.direct, direct);
+            let size = 3 * DIRECT_IO_ALIGN as u64 + 100;
+            let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            drop(store.create(&task(1), size).unwrap());
+            let piece = 2 * DIRECT_IO_ALIGN;
+            // The short last piece first: the file keeps its size.
+            write(&store, 1, piece as u64, &data[piece..]);
+            write(&store, 1, 0, &data[..piece]);
+            let path = store.data_path(&task(1));
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), size);
+            assert_eq!(std::fs::read(&path).unwrap(), data);
+            let tail = store
+                .read(&task(1), piece as u64, data.len() - piece)
+                .unwrap();
+            assert_eq!(&*tail, &data[piece..]);
+            // An unaligned offset goes through the page cache.
+            assert_eq!(&*store.read(&task(1), 5, 10).unwrap(), &data[5..15]);
+        }
     }
 
     #[test]
@@ -349,7 +472,7 @@ mod tests {
         drop(store);
         let store = PieceStore::open(dir.path(), 1000).unwrap();
         assert_eq!(store.complete_tasks(), vec![(task(1), meta(10))]);
-        assert_eq!(store.read(&task(1), 2, 3).unwrap(), b"234");
+        assert_eq!(&*store.read(&task(1), 2, 3).unwrap(), b"234");
         assert!(matches!(
             store.read(&task(1), 8, 3),
             Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::UnexpectedEof

@@ -6,12 +6,16 @@
 //! readers follow its progress piece by piece.
 //!
 //! Where bytes are checked: each piece once on receipt, in memory, before
-//! it is written (its sha256 against the digest recorded from the origin;
-//! a piece from the origin records that digest); the whole blob's sha256
-//! is computed once, piece by piece as the pieces arrive in order, and
-//! checked when the last one is in. A piece read back from the store for a
-//! client is checked against the BLAKE3 sum taken of its verified bytes on
-//! receipt (a few times cheaper than sha256 again), so a store file that
+//! it is written. Where the seed recorded the chained sha256 states around
+//! it ([`ChainState`]), the piece is hashed on from the state before it and
+//! must reach the state after it (the last piece: the blob's digest); that
+//! one pass also checks it as part of the whole blob. Otherwise the piece's
+//! own sha256 must match the digest recorded from the origin, and the
+//! whole-blob hash, which follows the pieces in order, reads it back once
+//! more. A piece from the origin records its digest and, when the pieces
+//! before it are in, its chain state. A piece read back from the store for
+//! a client is checked against the BLAKE3 sum taken of its verified bytes
+//! on receipt (a few times cheaper than sha256 again), so a store file that
 //! changed on disk is caught before a byte of it is sent.
 
 use std::collections::{HashMap, HashSet};
@@ -20,14 +24,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::buffer::PieceBuf;
 use crate::metrics::Counters;
-use crate::piece::{Bitmap, BlobDigest, PieceLayout};
+use crate::piece::{Bitmap, BlobDigest, ChainState, PieceLayout};
 use crate::proto::schedule_response::Decision;
-use crate::scheduler_client::SchedulerLink;
+use crate::scheduler_client::{PieceProofs, SchedulerLink};
 use crate::store::{PieceStore, Pinned, StoreError, TaskMeta};
 
 /// Pieces fetched from parents at once, per task.
@@ -81,6 +85,11 @@ pub enum TaskError {
         task: BlobDigest,
         actual: BlobDigest,
     },
+    #[error(
+        "blob {task}: the sha256 state after piece {piece} differs from the one recorded \
+         from the origin"
+    )]
+    ChainMismatch { task: BlobDigest, piece: usize },
     #[error("{0}")]
     Store(Arc<StoreError>),
     #[error("piece {piece} of {task} in the local store does not match its digest")]
@@ -110,17 +119,172 @@ pub struct TaskState {
     pub have: Bitmap,
     /// sha256 of each piece, when known.
     pub digests: Vec<Option<BlobDigest>>,
+    /// The chained sha256 state after each piece but the last, when known.
+    pub chain: Vec<Option<ChainState>>,
+    /// Pieces checked on receipt by hashing on from the chain state before
+    /// them: the whole-blob hash need not read them again.
+    pub chained: Bitmap,
     /// BLAKE3 of each piece as written to the store, once verified.
     pub stored_sums: Vec<Option<blake3::Hash>>,
     pub outcome: Outcome,
 }
 
 impl TaskState {
+    fn empty(count: usize) -> TaskState {
+        TaskState {
+            have: Bitmap::new(count),
+            digests: vec![None; count],
+            chain: vec![None; count],
+            chained: Bitmap::new(count),
+            stored_sums: vec![None; count],
+            outcome: Outcome::Running,
+        }
+    }
+
     fn wire_digests(&self) -> Vec<String> {
         self.digests
             .iter()
             .map(|d| d.map(|d| d.to_string()).unwrap_or_default())
             .collect()
+    }
+
+    fn wire_chain(&self) -> Vec<String> {
+        self.chain
+            .iter()
+            .map(|c| c.map(ChainState::to_hex).unwrap_or_default())
+            .collect()
+    }
+
+    fn proofs(&self) -> PieceProofs {
+        PieceProofs {
+            digests: self.wire_digests(),
+            chain_states: self.wire_chain(),
+        }
+    }
+
+    /// The chain state before piece `index`, if known.
+    fn chain_before(&self, index: usize) -> Option<ChainState> {
+        match index.checked_sub(1) {
+            None => Some(ChainState::INITIAL),
+            Some(previous) => self.chain.get(previous).copied().flatten(),
+        }
+    }
+
+    /// How piece `index` of `task` can be checked on receipt: along the
+    /// chain if its states are known, else by its digest.
+    fn check_for(&self, task: &BlobDigest, layout: PieceLayout, index: usize) -> Option<Check> {
+        let digest = self.digests.get(index).copied().flatten()?;
+        let last = index + 1 == layout.count();
+        let end = if last {
+            Some(ChainEnd::Blob(*task, layout.size))
+        } else {
+            self.chain
+                .get(index)
+                .copied()
+                .flatten()
+                .map(ChainEnd::State)
+        };
+        Some(match (self.chain_before(index), end) {
+            (Some(before), Some(end)) => Check::Chain {
+                digest,
+                before,
+                end,
+            },
+            _ => Check::Digest(digest),
+        })
+    }
+}
+
+/// Where hashing a piece on from the state before it must arrive.
+#[derive(Debug, Clone, Copy)]
+enum ChainEnd {
+    /// The state after the piece.
+    State(ChainState),
+    /// The last piece: the digest of the blob of this size.
+    Blob(BlobDigest, u64),
+}
+
+/// How a piece from a parent is checked on receipt.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    /// Hashed on along the chain (one pass that also counts for the whole
+    /// blob); `digest` is the piece's own, recorded for the store.
+    Chain {
+        digest: BlobDigest,
+        before: ChainState,
+        end: ChainEnd,
+    },
+    /// By its own sha256 only.
+    Digest(BlobDigest),
+}
+
+impl Check {
+    /// What is recorded of `piece` if it passes; `None` if it does not.
+    fn verify(self, piece: &[u8]) -> Option<Receipt> {
+        match self {
+            Check::Chain {
+                digest,
+                before,
+                end: ChainEnd::State(after),
+            } => (before.advance(piece) == Some(after)).then_some(Receipt {
+                digest,
+                chain: Some(after),
+                chained: true,
+            }),
+            Check::Chain {
+                digest,
+                before,
+                end: ChainEnd::Blob(blob, size),
+            } => (before.finish(piece, size) == blob).then_some(Receipt {
+                digest,
+                chain: None,
+                chained: true,
+            }),
+            Check::Digest(digest) => (BlobDigest::of(piece) == digest).then_some(Receipt {
+                digest,
+                chain: None,
+                chained: false,
+            }),
+        }
+    }
+}
+
+/// What is recorded of a piece accepted into the store.
+#[derive(Debug, Clone, Copy)]
+struct Receipt {
+    digest: BlobDigest,
+    /// The chain state after it, if known.
+    chain: Option<ChainState>,
+    /// Whether it was hashed along the chain (see [`TaskState::chained`]).
+    chained: bool,
+}
+
+impl Receipt {
+    /// A piece fetched from the origin: its digest, and if the state
+    /// before it is known, the state after it (for the last piece: whether
+    /// the blob's digest is reached).
+    fn of_origin_piece(
+        piece: &[u8],
+        before: Option<ChainState>,
+        blob: BlobDigest,
+        layout: PieceLayout,
+        index: usize,
+    ) -> Receipt {
+        let digest = BlobDigest::of(piece);
+        let last = index + 1 == layout.count();
+        let (chain, chained) = match before {
+            None => (None, false),
+            Some(before) if last => (None, before.finish(piece, layout.size) == blob),
+            Some(before) => {
+                let after = before.advance(piece);
+                (after, after.is_some())
+            }
+        };
+        Receipt {
+            digest,
+            chain,
+            chained,
+        }
     }
 }
 
@@ -261,6 +425,12 @@ impl Peer {
             piece_size: meta.piece_size,
         };
         let digests = meta.piece_digests.iter().map(|d| d.parse().ok()).collect();
+        let mut chain: Vec<_> = meta
+            .piece_chain
+            .iter()
+            .map(|c| ChainState::from_hex(c))
+            .collect();
+        chain.resize(layout.count(), None);
         let mut stored_sums: Vec<_> = meta
             .piece_sums
             .iter()
@@ -271,6 +441,8 @@ impl Peer {
         let state = TaskState {
             have: Bitmap::full(layout.count()),
             digests,
+            chain,
+            chained: Bitmap::full(layout.count()),
             stored_sums,
             outcome: Outcome::Verified,
         };
@@ -291,12 +463,7 @@ impl Peer {
         }
         let pinned = self.store.create(digest, size)?;
         let layout = PieceLayout::new(size);
-        let state = TaskState {
-            have: Bitmap::new(layout.count()),
-            digests: vec![None; layout.count()],
-            stored_sums: vec![None; layout.count()],
-            outcome: Outcome::Running,
-        };
+        let state = TaskState::empty(layout.count());
         let task = Arc::new(Task::new(*digest, layout, state, pinned));
         running.insert(*digest, task.clone());
         tokio::spawn(self.clone().drive(task.clone(), origin));
@@ -350,7 +517,7 @@ impl Peer {
                         task.layout,
                         &state.have,
                         complete,
-                        state.wire_digests(),
+                        state.proofs(),
                     )
                     .await;
             }
@@ -436,6 +603,11 @@ impl Peer {
                             *mine = known.parse().ok();
                         }
                     }
+                    for (mine, known) in s.chain.iter_mut().zip(&answer.chain_states) {
+                        if mine.is_none() {
+                            *mine = ChainState::from_hex(known);
+                        }
+                    }
                 });
                 let parents: Vec<Offer> = answer
                     .parents
@@ -445,6 +617,7 @@ impl Peer {
                         have: Bitmap::from_wire(&p.have, task.layout.count()),
                         peer_id: p.peer_id,
                         addr: p.data_addr,
+                        seed: p.seed,
                     })
                     .collect();
                 if self.fetch_from_parents(task, &parents, bad_parents).await > 0 {
@@ -464,19 +637,26 @@ impl Peer {
         parents: &[Offer],
         bad_parents: &mut HashSet<String>,
     ) -> usize {
-        let wanted: Vec<(usize, BlobDigest, Vec<&Offer>)> = {
+        let wanted: Vec<(usize, Check, Vec<&Offer>)> = {
             let state = task.state.borrow();
             (0..task.layout.count())
                 .filter(|i| !state.have.get(*i))
                 .filter_map(|i| {
-                    let expected = state.digests[i]?;
-                    let mut holders: Vec<_> = parents.iter().filter(|p| p.have.get(i)).collect();
+                    let expected = state.check_for(&task.digest, task.layout, i)?;
+                    let (mut holders, seeds): (Vec<_>, Vec<_>) = parents
+                        .iter()
+                        .filter(|p| p.have.get(i))
+                        .partition(|p| !p.seed);
+                    // Spread pieces over parents: each starts at another
+                    // one; seeds come last.
+                    if !holders.is_empty() {
+                        let shift = i % holders.len();
+                        holders.rotate_left(shift);
+                    }
+                    holders.extend(seeds);
                     if holders.is_empty() {
                         return None;
                     }
-                    // Spread pieces over parents: each starts at another one.
-                    let shift = i % holders.len();
-                    holders.rotate_left(shift);
                     Some((i, expected, holders))
                 })
                 .collect()
@@ -511,7 +691,7 @@ impl Peer {
         &self,
         task: &Task,
         index: usize,
-        expected: BlobDigest,
+        expected: Check,
         holders: Vec<&Offer>,
         bad: &Mutex<HashSet<String>>,
     ) -> bool {
@@ -525,34 +705,39 @@ impl Peer {
                 continue;
             }
             let url = format!("http://{addr}/pieces/{}/{index}", task.digest);
-            let bytes = match self.get_piece(&url, range.end - range.start).await {
-                Ok(bytes) => bytes,
+            let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
+            let piece = match self.get_piece(&url, len).await {
+                Ok(piece) => piece,
                 Err(error) => {
                     debug!(%url, %error, "parent could not serve a piece");
                     continue;
                 }
             };
-            let length_ok = bytes.len() as u64 == range.end - range.start;
-            if !length_ok || BlobDigest::of(&bytes) != expected {
-                warn!(task = %task.digest, piece = index, parent = %peer_id, "parent served a bad piece");
-                Counters::add(&self.counters.bad_pieces, 1);
-                bad.lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(peer_id.clone());
-                self.link
-                    .report_bad_peer(peer_id, &task.digest, index)
-                    .await;
-                continue;
-            }
             let from_peers = &self.counters.bytes_from_peers;
-            if let Err(error) = self
-                .keep_piece(task, index, bytes, expected, from_peers)
-                .await
-            {
-                warn!(task = %task.digest, %error, "cannot store a piece");
-                return false;
+            let kept = self
+                .keep_piece(task, index, piece, from_peers, move |piece| {
+                    (piece.len() == len)
+                        .then(|| expected.verify(piece))
+                        .flatten()
+                })
+                .await;
+            match kept {
+                Ok(true) => return true,
+                Ok(false) => {
+                    warn!(task = %task.digest, piece = index, parent = %peer_id, "parent served a bad piece");
+                    Counters::add(&self.counters.bad_pieces, 1);
+                    bad.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(peer_id.clone());
+                    self.link
+                        .report_bad_peer(peer_id, &task.digest, index)
+                        .await;
+                }
+                Err(error) => {
+                    warn!(task = %task.digest, %error, "cannot store a piece");
+                    return false;
+                }
             }
-            return true;
         }
         false
     }
@@ -584,9 +769,10 @@ impl Peer {
         }
     }
 
-    /// A piece of `len` bytes from a parent; fails if the parent stalls
-    /// for [`PIECE_STALL`] or sends more than `len` bytes.
-    async fn get_piece(&self, url: &str, len: u64) -> Result<Vec<u8>, String> {
+    /// A piece of `len` bytes from a parent (fewer if it sends fewer);
+    /// fails if the parent stalls for [`PIECE_STALL`] or sends more than
+    /// `len` bytes.
+    async fn get_piece(&self, url: &str, len: usize) -> Result<PieceBuf, String> {
         let response = tokio::time::timeout(
             PIECE_STALL,
             self.http
@@ -602,54 +788,75 @@ impl Peer {
             return Err(format!("status {}", response.status()));
         }
         let mut body = response.bytes_stream();
-        let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let mut piece = self.store.buffer(len);
+        let mut filled = 0;
         loop {
             let chunk = tokio::time::timeout(PIECE_STALL, body.next())
                 .await
                 .map_err(|_| {
-                    format!(
-                        "stalled for {PIECE_STALL:?} after {} of {len} bytes",
-                        bytes.len()
-                    )
+                    format!("stalled for {PIECE_STALL:?} after {filled} of {len} bytes")
                 })?;
             match chunk {
-                None => return Ok(bytes),
-                Some(Err(e)) => return Err(e.to_string()),
-                Some(Ok(chunk)) if bytes.len() as u64 + chunk.len() as u64 > len => {
-                    return Err(format!("more than the piece's {len} bytes"));
+                None => {
+                    piece.truncate(filled);
+                    return Ok(piece);
                 }
-                Some(Ok(chunk)) => bytes.extend_from_slice(&chunk),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(chunk)) => {
+                    let end = filled + chunk.len();
+                    let target = piece
+                        .get_mut(filled..end)
+                        .ok_or_else(|| format!("more than the piece's {len} bytes"))?;
+                    target.copy_from_slice(&chunk);
+                    filled = end;
+                }
             }
         }
     }
 
-    /// Writes a verified piece (sha256 `digest`) to the store, records
-    /// its BLAKE3 sum, counts its bytes in `counter` and marks it present.
+    /// Passes a piece to `check` and, if that accepts it, writes it to the
+    /// store, records its BLAKE3 sum and what `check` returned, counts its
+    /// bytes in `counter` and marks it present; both on a blocking thread
+    /// (`check` hashes). `Ok(false)`: `check` refused the piece.
     async fn keep_piece(
         &self,
         task: &Task,
         index: usize,
-        bytes: Vec<u8>,
-        digest: BlobDigest,
+        mut piece: PieceBuf,
         counter: &std::sync::atomic::AtomicU64,
-    ) -> Result<(), StoreError> {
+        check: impl FnOnce(&[u8]) -> Option<Receipt> + Send + 'static,
+    ) -> Result<bool, StoreError> {
         let store = self.store.clone();
         let task_digest = task.digest;
         let offset = task.layout.range(index).start;
-        let len = bytes.len() as u64;
-        let sum = tokio::task::spawn_blocking(move || {
-            let sum = blake3::hash(&bytes);
-            store.write(&task_digest, offset, &bytes).map(|()| sum)
+        let len = piece.len() as u64;
+        let kept = tokio::task::spawn_blocking(move || {
+            let Some(receipt) = check(&piece) else {
+                return Ok(None);
+            };
+            let sum = blake3::hash(&piece);
+            store
+                .write(&task_digest, offset, &mut piece)
+                .map(|()| Some((receipt, sum)))
         })
         .await
         .unwrap_or_else(|e| Err(join_error(&e)))?;
+        let Some((receipt, sum)) = kept else {
+            return Ok(false);
+        };
         Counters::add(counter, len);
         task.update(|s| {
             s.have.set(index);
-            s.digests[index] = Some(digest);
+            s.digests[index] = Some(receipt.digest);
+            if receipt.chain.is_some() {
+                s.chain[index] = receipt.chain;
+            }
+            if receipt.chained {
+                s.chained.set(index);
+            }
             s.stored_sums[index] = Some(sum);
         });
-        Ok(())
+        Ok(true)
     }
 
     /// Fetches every missing piece from the origin, a batch of
@@ -699,55 +906,95 @@ impl Peer {
             )));
         }
         let mut body = response.bytes_stream();
-        let mut index = pieces.start;
-        let mut buffer = Vec::with_capacity(task.layout.piece_size as usize);
-        while index < pieces.end {
+        let mut pending = bytes::Bytes::new();
+        for index in pieces {
             let range = task.layout.range(index);
-            let piece_len = (range.end - range.start) as usize;
-            if buffer.len() >= piece_len {
-                let rest = buffer.split_off(piece_len);
-                let piece = std::mem::replace(&mut buffer, rest);
-                let digest = BlobDigest::of(&piece);
-                let from_origin = &self.counters.bytes_from_origin;
-                self.keep_piece(task, index, piece, digest, from_origin)
-                    .await?;
-                index += 1;
-                continue;
-            }
-            match body.next().await {
-                Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
-                Some(Err(e)) => return Err(failed(e.to_string())),
-                None => {
-                    return Err(failed(format!(
-                        "body ended at byte {} of {start}-{}",
-                        range.start + buffer.len() as u64,
-                        end - 1
-                    )));
+            let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
+            let mut piece = self.store.buffer(len);
+            let mut filled = 0;
+            while filled < len {
+                if pending.is_empty() {
+                    pending = match body.next().await {
+                        Some(Ok(chunk)) => chunk,
+                        Some(Err(e)) => return Err(failed(e.to_string())),
+                        None => {
+                            return Err(failed(format!(
+                                "body ended at byte {} of {start}-{}",
+                                range.start + filled as u64,
+                                end - 1
+                            )));
+                        }
+                    };
                 }
+                let take = pending.len().min(len - filled);
+                piece[filled..filled + take].copy_from_slice(&pending.split_to(take));
+                filled += take;
             }
+            let before = task.state.borrow().chain_before(index);
+            let (blob, layout) = (task.digest, task.layout);
+            let from_origin = &self.counters.bytes_from_origin;
+            self.keep_piece(task, index, piece, from_origin, move |piece| {
+                Some(Receipt::of_origin_piece(piece, before, blob, layout, index))
+            })
+            .await?;
         }
         Ok(())
     }
 
-    /// The sha256 of the whole blob, hashed piece by piece in order as
-    /// the pieces arrive (each read back from the store once).
+    /// The sha256 of the whole blob, following the pieces in order as
+    /// they arrive: a piece hashed along the chain on receipt is passed
+    /// over (after checking that the chain it was hashed on from is the
+    /// one computed so far); any other is read back from the store once.
     async fn hash_blob(self: Arc<Self>, task: Arc<Task>) -> Result<BlobDigest, TaskError> {
-        let mut hasher = Sha256::new();
-        for index in 0..task.layout.count() {
-            task.wait_for(|s| s.have.get(index))
+        let count = task.layout.count();
+        let mut state = ChainState::INITIAL;
+        for index in 0..count {
+            let seen = task
+                .wait_for(|s| s.have.get(index))
                 .await
                 .map_err(|reason| TaskError::Ended {
                     task: task.digest,
                     reason,
                 })?;
-            hasher = self
-                .read_then(&task, index, move |bytes| {
-                    hasher.update(&bytes);
-                    hasher
+            let broken = TaskError::ChainMismatch {
+                task: task.digest,
+                piece: index,
+            };
+            let last = index + 1 == count;
+            if seen.chained.get(index) {
+                if seen.chain_before(index) != Some(state) {
+                    return Err(broken);
+                }
+                if last {
+                    return Ok(task.digest);
+                }
+                state = seen.chain[index].ok_or(broken)?;
+                continue;
+            }
+            let size = task.layout.size;
+            let hashed = self
+                .read_then(&task, index, move |piece| {
+                    if last {
+                        Hashed::Blob(state.finish(&piece, size))
+                    } else {
+                        Hashed::Piece(state.advance(&piece))
+                    }
                 })
                 .await?;
+            let range = task.layout.range(index);
+            Counters::add(&self.counters.bytes_rehashed, range.end - range.start);
+            match hashed {
+                Hashed::Blob(digest) => return Ok(digest),
+                Hashed::Piece(Some(after))
+                    if seen.chain[index].is_none_or(|known| known == after) =>
+                {
+                    state = after;
+                    task.update(|s| s.chain[index] = Some(after));
+                }
+                Hashed::Piece(_) => return Err(broken),
+            }
         }
-        Ok(BlobDigest::from_hasher(hasher))
+        Ok(state.finish(&[], 0))
     }
 
     /// Checks the whole blob's sha256 (`actual`) against its digest and
@@ -765,6 +1012,7 @@ impl Peer {
                 size: task.layout.size,
                 piece_size: task.layout.piece_size,
                 piece_digests: state.wire_digests(),
+                piece_chain: state.wire_chain(),
                 piece_sums: state
                     .stored_sums
                     .iter()
@@ -783,7 +1031,7 @@ impl Peer {
     /// A piece of a task, read from the store and checked: against the
     /// BLAKE3 sum of the bytes verified on receipt, or for a task from an
     /// earlier run without sums, against the piece's sha256 digest.
-    pub async fn read_verified(&self, task: &Task, index: usize) -> Result<Vec<u8>, TaskError> {
+    pub async fn read_verified(&self, task: &Task, index: usize) -> Result<PieceBuf, TaskError> {
         let (sum, expected) = {
             let state = task.state.borrow();
             (state.stored_sums[index], state.digests[index])
@@ -816,7 +1064,7 @@ impl Peer {
     }
 
     /// A piece of a task, as stored.
-    pub async fn read_piece(&self, task: &Task, index: usize) -> Result<Vec<u8>, TaskError> {
+    pub async fn read_piece(&self, task: &Task, index: usize) -> Result<PieceBuf, TaskError> {
         Ok(self.read_then(task, index, |bytes| bytes).await?)
     }
 
@@ -826,7 +1074,7 @@ impl Peer {
         &self,
         task: &Task,
         index: usize,
-        then: impl FnOnce(Vec<u8>) -> T + Send + 'static,
+        then: impl FnOnce(PieceBuf) -> T + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
         let digest = task.digest;
@@ -857,6 +1105,15 @@ struct Offer {
     peer_id: String,
     addr: String,
     have: Bitmap,
+    seed: bool,
+}
+
+/// What hashing a piece read back gave: the state after it, or after the
+/// last piece, the blob's digest.
+#[derive(Debug)]
+enum Hashed {
+    Piece(Option<ChainState>),
+    Blob(BlobDigest),
 }
 
 /// What one round of a fetch achieved.
@@ -932,6 +1189,83 @@ mod tests {
         have.set(8);
         assert_eq!(next_origin_batch(&have, &wanted), Some(10..12));
         assert_eq!(next_origin_batch(&Bitmap::full(12), &wanted), None);
+    }
+
+    /// A blob of three pieces of 128 bytes and a last one of 10, and the
+    /// state of a task that knows their digests and chain states.
+    fn chained_blob() -> (Vec<u8>, BlobDigest, PieceLayout, TaskState) {
+        let data: Vec<u8> = (0..394u32).map(|i| (i * 7 % 256) as u8).collect();
+        let layout = PieceLayout {
+            size: data.len() as u64,
+            piece_size: 128,
+        };
+        let mut state = TaskState::empty(layout.count());
+        let mut chain = ChainState::INITIAL;
+        for (index, piece) in data.chunks(128).enumerate() {
+            state.digests[index] = Some(BlobDigest::of(piece));
+            if index + 1 < layout.count() {
+                chain = chain.advance(piece).unwrap();
+                state.chain[index] = Some(chain);
+            }
+        }
+        let blob = BlobDigest::of(&data);
+        (data, blob, layout, state)
+    }
+
+    #[test]
+    fn pieces_with_known_chain_states_are_checked_along_the_chain() {
+        let (data, blob, layout, state) = chained_blob();
+        for (index, piece) in data.chunks(128).enumerate() {
+            let check = state.check_for(&blob, layout, index).unwrap();
+            assert!(matches!(check, Check::Chain { .. }), "{index}");
+            let receipt = check.verify(piece).unwrap();
+            assert!(receipt.chained);
+            assert_eq!(receipt.digest, BlobDigest::of(piece));
+            let mut bad = piece.to_vec();
+            bad[0] ^= 1;
+            assert!(check.verify(&bad).is_none(), "{index}");
+        }
+    }
+
+    #[test]
+    fn a_piece_whose_chain_state_is_unknown_is_checked_by_its_digest() {
+        let (data, blob, layout, mut state) = chained_blob();
+        state.chain[0] = None;
+        let piece = &data[128..256];
+        // Piece 1 lacks the state before it, piece 0 the state after it.
+        for index in [0, 1] {
+            let check = state.check_for(&blob, layout, index).unwrap();
+            assert!(matches!(check, Check::Digest(_)), "{index}");
+        }
+        let receipt = state
+            .check_for(&blob, layout, 1)
+            .unwrap()
+            .verify(piece)
+            .unwrap();
+        assert!(!receipt.chained);
+        state.digests[2] = None;
+        assert!(state.check_for(&blob, layout, 2).is_none());
+    }
+
+    #[test]
+    fn origin_pieces_in_order_extend_the_chain_and_the_last_must_reach_the_blob() {
+        let (data, blob, layout, state) = chained_blob();
+        let pieces: Vec<&[u8]> = data.chunks(128).collect();
+        let mut before = Some(ChainState::INITIAL);
+        for (index, piece) in pieces.iter().enumerate() {
+            let receipt = Receipt::of_origin_piece(piece, before, blob, layout, index);
+            assert!(receipt.chained, "{index}");
+            assert_eq!(receipt.chain, state.chain[index]);
+            before = receipt.chain;
+        }
+        let out_of_order = Receipt::of_origin_piece(pieces[2], None, blob, layout, 2);
+        assert!(!out_of_order.chained && out_of_order.chain.is_none());
+        let wrong_blob = BlobDigest::of(b"another blob");
+        let last = Receipt::of_origin_piece(pieces[3], state.chain[2], wrong_blob, layout, 3);
+        assert!(
+            !last.chained,
+            "a last piece that misses the digest is hashed again"
+        );
     }
 
     #[test]

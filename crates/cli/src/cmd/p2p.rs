@@ -267,5 +267,6 @@ fn peer_status(args: &PeerStatusArgs) -> anyhow::Result<Outcome> {
     );
     println!("bad pieces        {}", status.bad_pieces);
     println!("origin fallbacks  {}", status.origin_fallbacks);
+    println!("hashed twice      {}", human(status.bytes_rehashed));
     Ok(Outcome::Success)
 }

@@ -61,6 +61,7 @@ fn report(s: &mut SchedulerState, now: Instant, id: &str, pieces: &[usize], dige
             have: have.wire().to_vec(),
             complete: have.is_full(),
             piece_digests,
+            chain_states: Vec::new(),
         },
         now,
     )
