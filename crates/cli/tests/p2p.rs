@@ -224,6 +224,80 @@ fn without_a_scheduler_peers_fetch_from_the_registry_and_a_restarted_one_relearn
 }
 
 #[test]
+fn with_two_schedulers_each_blob_has_the_one_its_digest_hashes_to_and_outlives_the_other() {
+    let mut cluster = Cluster::start();
+    cluster.add_scheduler();
+    let schedulers = cluster.scheduler_addrs();
+    let addrs: Vec<String> = schedulers.iter().map(ToString::to_string).collect();
+    // A blob for each scheduler: the first random blobs that hash to it.
+    let mut digests: [Option<String>; 2] = [None, None];
+    for blob_seed in 100.. {
+        let data = random_blob(blob_seed);
+        let digest = sha256_digest(&data);
+        let task: darter_p2p::BlobDigest = digest.parse().unwrap();
+        let owner = darter_p2p::scheduler_for(&task, &addrs).unwrap();
+        if digests[owner].is_none() {
+            digests[owner] = Some(push_blob(&cluster.registry, REPOSITORY, data, None));
+        }
+        if digests.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let digests = digests.map(Option::unwrap);
+    let _seed = cluster.peer("seed", true);
+    let a = cluster.peer("a", false);
+    for scheduler in &schedulers {
+        wait_until(
+            START_TIMEOUT,
+            "every peer registered with each scheduler",
+            || {
+                cluster.status_of(*scheduler)["peers"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+                    == 2
+            },
+        );
+    }
+    for digest in &digests {
+        assert_correct(&a.fetch(REPOSITORY, digest), digest);
+    }
+    assert_eq!(a.counter("bytes_from_origin"), 0);
+    // Each scheduler knows its own blob only.
+    for (scheduler, digest) in schedulers.iter().zip(&digests) {
+        let status = cluster.status_of(*scheduler);
+        let tasks: Vec<&str> = status["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task"].as_str().unwrap())
+            .collect();
+        assert_eq!(tasks, [digest.as_str()], "{scheduler}");
+    }
+
+    // The first scheduler dies: its blob comes from the origin, the
+    // other's still from peers.
+    drop(cluster.scheduler.take());
+    let b = cluster.peer("b", false);
+    wait_until(
+        START_TIMEOUT,
+        "b registered with the second scheduler",
+        || {
+            cluster.status_of(schedulers[1])["peers"]
+                .as_array()
+                .unwrap()
+                .len()
+                == 3
+        },
+    );
+    assert_correct(&b.fetch(REPOSITORY, &digests[1]), &digests[1]);
+    assert_eq!(b.counter("bytes_from_origin"), 0);
+    assert_correct(&b.fetch(REPOSITORY, &digests[0]), &digests[0]);
+    assert_eq!(b.counter("bytes_from_origin"), BLOB_SIZE as u64);
+    assert_eq!(b.counter("bytes_from_peers"), BLOB_SIZE as u64);
+}
+
+#[test]
 fn a_dead_parent_costs_only_a_retry_at_another_parent() {
     let (cluster, digest, seed, peers) = seeded_cluster(4, &["a", "b"]);
     let (a, b) = (&peers[0], &peers[1]);

@@ -74,7 +74,7 @@ fn aligned_len(len: usize) -> usize {
 }
 
 /// `len` rounded up to a multiple of [`DIRECT_IO_ALIGN`].
-pub fn round_up(len: usize) -> usize {
+fn round_up(len: usize) -> usize {
     len.div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
 }
 
@@ -90,18 +90,10 @@ pub struct PieceBuf {
 
 impl PieceBuf {
     /// The bytes and the slack after them up to the next multiple of
-    /// [`DIRECT_IO_ALIGN`]: what direct I/O reads into or writes from.
+    /// [`DIRECT_IO_ALIGN`]: what a direct read fills.
     pub fn aligned_mut(&mut self) -> &mut [u8] {
         let end = self.start + round_up(self.len);
         &mut self.storage[self.start..end]
-    }
-
-    /// As [`Self::aligned_mut`], for writing out: the slack is zeroed first
-    /// so no stale bytes reach the disk.
-    pub fn aligned_for_write(&mut self) -> &[u8] {
-        let (start, len) = (self.start, self.len);
-        self.storage[start + len..start + round_up(len)].fill(0);
-        &self.storage[start..start + round_up(len)]
     }
 
     /// Shortens the buffer to `len` bytes.
@@ -155,20 +147,6 @@ mod tests {
         let second = pool.take(100);
         assert_eq!(second.as_ptr(), address, "the idle buffer is reused");
         assert_eq!(second.len(), 100);
-    }
-
-    #[test]
-    fn the_slack_written_out_is_zeroed() {
-        let pool = BufferPool::new(DIRECT_IO_ALIGN);
-        let mut buffer = pool.take(DIRECT_IO_ALIGN);
-        buffer.fill(9);
-        drop(buffer);
-        let mut buffer = pool.take(10);
-        buffer.fill(1);
-        let written = buffer.aligned_for_write();
-        assert_eq!(written.len(), DIRECT_IO_ALIGN);
-        assert!(written[..10].iter().all(|b| *b == 1));
-        assert!(written[10..].iter().all(|b| *b == 0));
     }
 
     #[test]

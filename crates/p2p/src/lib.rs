@@ -52,7 +52,7 @@ pub use metrics::PeerStatus;
 pub use peer::{PeerConfig, run_peer};
 pub use piece::{BadDigest, BlobDigest, PIECE_SIZE};
 pub use scheduler::{SchedulerPolicy, SchedulerService, SchedulerState};
-pub use scheduler_client::scheduler_status;
+pub use scheduler_client::{scheduler_for, scheduler_status};
 
 /// The header that carries the cluster token, on gRPC and piece requests.
 pub const TOKEN_HEADER: &str = "x-darter-cluster-token";
@@ -87,6 +87,8 @@ pub enum P2pError {
     HttpClient(String),
     #[error("peer status from {url}: {reason}")]
     Status { url: String, reason: String },
+    #[error("a peer needs at least one scheduler")]
+    NoScheduler,
 }
 
 /// The cluster token in `path` (surrounding whitespace trimmed).

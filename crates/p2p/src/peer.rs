@@ -20,8 +20,9 @@ use crate::task::Peer;
 /// How a peer runs.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
-    /// The scheduler's `host:port`.
-    pub scheduler: String,
+    /// The schedulers' `host:port`s (at least one; each task has one of
+    /// them, chosen by rendezvous hashing).
+    pub schedulers: Vec<String>,
     /// The upstream registry's base URL, e.g. `https://registry.example`.
     pub upstream: String,
     /// Where containerd reaches the registry mirror.
@@ -84,7 +85,7 @@ pub fn run_peer(config: &PeerConfig) -> Result<(), P2pError> {
             labels: config.labels.clone(),
             seed: config.seed,
         };
-        let link = SchedulerLink::new(&config.scheduler, &config.token, identity)?;
+        let link = SchedulerLink::new(&config.schedulers, &config.token, identity)?;
         let token = reqwest::header::HeaderValue::from_bytes(&config.token).map_err(|_| {
             P2pError::HttpClient("the cluster token is not a valid header value".into())
         })?;
@@ -120,7 +121,7 @@ pub fn run_peer(config: &PeerConfig) -> Result<(), P2pError> {
         }
         info!(
             mirror = %config.mirror_listen, pieces = %config.piece_listen,
-            scheduler = %config.scheduler, upstream = %config.upstream, seed = config.seed,
+            schedulers = ?config.schedulers, upstream = %config.upstream, seed = config.seed,
             "peer running"
         );
         crate::http::stop_signal().await;

@@ -2,6 +2,11 @@
 //! complete task when the scheduler did not know the peer, e.g. after the
 //! scheduler restarted), reports, schedule requests and bad-peer reports,
 //! each with a short deadline so a dead scheduler only costs a timeout.
+//! With several schedulers, each task has one, chosen by rendezvous
+//! hashing of the task and the schedulers' addresses
+//! ([`scheduler_for`]): every peer given the same addresses, in any order,
+//! picks the same one, and a scheduler that leaves the list moves only its
+//! own tasks. A peer registers with all of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -104,24 +109,78 @@ pub struct Identity {
     pub seed: bool,
 }
 
-/// The control channel to the scheduler.
+/// Which of the schedulers at `addrs` is `task`'s: the one whose address
+/// hashed with the task's digest gives the highest value (rendezvous
+/// hashing). `None` if there are none.
+pub fn scheduler_for(task: &BlobDigest, addrs: &[String]) -> Option<usize> {
+    let weight = |addr: &String| {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(task.to_string().as_bytes());
+        hasher.update(b"\n");
+        hasher.update(addr.as_bytes());
+        *hasher.finalize().as_bytes()
+    };
+    (0..addrs.len()).max_by_key(|&i| weight(&addrs[i]))
+}
+
+/// One scheduler a peer talks to.
+#[derive(Debug)]
+struct Scheduler {
+    addr: String,
+    client: Client,
+}
+
+/// The control channel to the schedulers.
 #[derive(Debug, Clone)]
 pub struct SchedulerLink {
-    client: Client,
+    schedulers: Arc<[Scheduler]>,
+    addrs: Arc<[String]>,
     identity: Arc<Identity>,
 }
 
 impl SchedulerLink {
-    /// A link to `addr` (`host:port`); connects lazily and reconnects.
-    pub fn new(addr: &str, token: &[u8], identity: Identity) -> Result<SchedulerLink, P2pError> {
+    /// A link to the schedulers at `addrs` (`host:port` each, at least
+    /// one); connects lazily and reconnects.
+    pub fn new(
+        addrs: &[String],
+        token: &[u8],
+        identity: Identity,
+    ) -> Result<SchedulerLink, P2pError> {
+        if addrs.is_empty() {
+            return Err(P2pError::NoScheduler);
+        }
+        let schedulers = addrs
+            .iter()
+            .map(|addr| {
+                Ok(Scheduler {
+                    addr: addr.clone(),
+                    client: client(addr, token)?,
+                })
+            })
+            .collect::<Result<Vec<_>, P2pError>>()?;
         Ok(SchedulerLink {
-            client: client(addr, token)?,
+            schedulers: schedulers.into(),
+            addrs: addrs.into(),
             identity: Arc::new(identity),
         })
     }
 
-    /// Keeps the peer registered, forever.
+    /// The client of `task`'s scheduler.
+    fn client_for(&self, task: &BlobDigest) -> Client {
+        let index = scheduler_for(task, &self.addrs).unwrap_or(0);
+        self.schedulers[index].client.clone()
+    }
+
+    /// Keeps the peer registered with every scheduler, forever.
     pub async fn keep_alive(self, store: Arc<PieceStore>, active_uploads: Arc<AtomicU32>) {
+        let loops = (0..self.schedulers.len())
+            .map(|index| self.keep_alive_with(index, &store, &active_uploads));
+        futures_util::future::join_all(loops).await;
+    }
+
+    /// Keeps the peer registered with scheduler `index`, forever.
+    async fn keep_alive_with(&self, index: usize, store: &PieceStore, active_uploads: &AtomicU32) {
+        let scheduler = &self.schedulers[index];
         loop {
             let request = RegisterRequest {
                 peer_id: self.identity.peer_id.clone(),
@@ -131,17 +190,17 @@ impl SchedulerLink {
                 seed: self.identity.seed,
                 active_uploads: active_uploads.load(Ordering::Relaxed),
             };
-            let interval = match self.client.clone().register(request).await {
+            let interval = match scheduler.client.clone().register(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
                     if answer.first_contact {
-                        info!("registered with the scheduler");
-                        self.report_all(&store).await;
+                        info!(scheduler = %scheduler.addr, "registered with the scheduler");
+                        self.report_all(index, store).await;
                     }
                     Duration::from_millis(answer.keepalive_interval_ms.clamp(100, 60_000))
                 }
                 Err(status) => {
-                    debug!(%status, "scheduler unreachable");
+                    debug!(scheduler = %scheduler.addr, %status, "scheduler unreachable");
                     RETRY_INTERVAL
                 }
             };
@@ -149,9 +208,12 @@ impl SchedulerLink {
         }
     }
 
-    async fn report_all(&self, store: &PieceStore) {
+    /// Reports every complete task whose scheduler is `index`.
+    async fn report_all(&self, index: usize, store: &PieceStore) {
         for (task, meta) in store.complete_tasks() {
-            self.report_complete(&task, &meta).await;
+            if scheduler_for(&task, &self.addrs) == Some(index) {
+                self.report_complete(&task, &meta).await;
+            }
         }
     }
 
@@ -189,7 +251,7 @@ impl SchedulerLink {
             piece_digests: proofs.digests,
             chain_states: proofs.chain_states,
         };
-        if let Err(status) = self.client.clone().report(request).await {
+        if let Err(status) = self.client_for(task).report(request).await {
             debug!(%task, %status, "report not delivered");
         }
     }
@@ -205,7 +267,7 @@ impl SchedulerLink {
             task: task.to_string(),
             size,
         };
-        Ok(self.client.clone().schedule(request).await?.into_inner())
+        Ok(self.client_for(task).schedule(request).await?.into_inner())
     }
 
     /// Tells the scheduler `peer` served a bad piece.
@@ -216,7 +278,7 @@ impl SchedulerLink {
             task: task.to_string(),
             piece: piece as u64,
         };
-        if let Err(status) = self.client.clone().report_bad_peer(request).await {
+        if let Err(status) = self.client_for(task).report_bad_peer(request).await {
             warn!(%peer, %task, piece, %status, "could not report a bad peer");
         }
     }

@@ -257,28 +257,16 @@ impl PieceStore {
         options.open(&data).map_err(io_error(&data))
     }
 
-    /// Writes a piece of a task at `offset`.
-    pub fn write(
-        &self,
-        task: &BlobDigest,
-        offset: u64,
-        piece: &mut PieceBuf,
-    ) -> Result<(), StoreError> {
-        let direct = self.direct_at(offset);
+    /// Writes bytes of a task at `offset`: directly if the address, offset
+    /// and length are aligned (a [`PieceBuf`] of a whole piece), else (a
+    /// blob's short last piece) through the page cache.
+    pub fn write(&self, task: &BlobDigest, offset: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let direct = self.direct_at(offset)
+            && bytes.len().is_multiple_of(DIRECT_IO_ALIGN)
+            && bytes.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0;
         let file = self.open_data(task, true, direct)?;
-        let data = || self.data_path(task);
-        if !direct {
-            return file.write_all_at(piece, offset).map_err(io_error(&data()));
-        }
-        let len = piece.len();
-        file.write_all_at(piece.aligned_for_write(), offset)
-            .map_err(io_error(&data()))?;
-        if !len.is_multiple_of(DIRECT_IO_ALIGN) {
-            // Only a blob's last piece is short: cut the slack off again.
-            file.set_len(offset + len as u64)
-                .map_err(io_error(&data()))?;
-        }
-        Ok(())
+        file.write_all_at(bytes, offset)
+            .map_err(io_error(&self.data_path(task)))
     }
 
     /// Reads `len` bytes of a task at `offset`.
@@ -386,9 +374,8 @@ fn takes_direct_io(dir: &Path) -> bool {
         .custom_flags(O_DIRECT)
         .open(&probe)
         .and_then(|file| {
-            let pool = BufferPool::new(DIRECT_IO_ALIGN);
-            let mut block = pool.take(DIRECT_IO_ALIGN);
-            file.write_all_at(block.aligned_for_write(), 0)
+            let block = BufferPool::new(DIRECT_IO_ALIGN).take(DIRECT_IO_ALIGN);
+            file.write_all_at(&block, 0)
         });
     let _ = std::fs::remove_file(&probe);
     if let Err(error) = &written {
@@ -436,7 +423,7 @@ mod tests {
     fn write(store: &PieceStore, n: u8, offset: u64, data: &[u8]) {
         let mut piece = store.buffer(data.len());
         piece.copy_from_slice(data);
-        store.write(&task(n), offset, &mut piece).unwrap();
+        store.write(&task(n), offset, &piece).unwrap();
     }
 
     #[test]

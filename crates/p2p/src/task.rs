@@ -822,7 +822,7 @@ impl Peer {
         &self,
         task: &Task,
         index: usize,
-        mut piece: PieceBuf,
+        piece: PieceBuf,
         counter: &std::sync::atomic::AtomicU64,
         check: impl FnOnce(&[u8]) -> Option<Receipt> + Send + 'static,
     ) -> Result<bool, StoreError> {
@@ -836,7 +836,7 @@ impl Peer {
             };
             let sum = blake3::hash(&piece);
             store
-                .write(&task_digest, offset, &mut piece)
+                .write(&task_digest, offset, &piece)
                 .map(|()| Some((receipt, sum)))
         })
         .await

@@ -85,9 +85,10 @@ pub enum PeerCommand {
 /// `darter peer` (running one).
 #[derive(Debug, Args)]
 pub struct PeerRunArgs {
-    /// The scheduler's HOST:PORT.
-    #[arg(long, value_name = "ADDR", required = true)]
-    pub scheduler: Option<String>,
+    /// A scheduler's HOST:PORT (repeatable: each blob has one of them,
+    /// picked by rendezvous hashing; give every peer the same list).
+    #[arg(long = "scheduler", value_name = "ADDR", required = true)]
+    pub schedulers: Vec<String>,
     /// The registry this peer mirrors, e.g. https://registry.example.
     #[arg(long, value_name = "URL", required = true)]
     pub upstream: Option<String>,
@@ -230,10 +231,7 @@ fn run_peer(args: &PeerRunArgs) -> anyhow::Result<Outcome> {
         .as_ref()
         .ok_or_else(|| missing("--token-file"))?;
     let config = darter_p2p::PeerConfig {
-        scheduler: args
-            .scheduler
-            .clone()
-            .ok_or_else(|| missing("--scheduler"))?,
+        schedulers: args.schedulers.clone(),
         upstream: args.upstream.clone().ok_or_else(|| missing("--upstream"))?,
         mirror_listen: args
             .mirror_listen

@@ -120,6 +120,9 @@ pub struct Cluster {
     pub scheduler_addr: SocketAddr,
     pub scheduler_metrics: SocketAddr,
     pub scheduler: Option<Process>,
+    /// More schedulers ([`Cluster::add_scheduler`]): peers started after
+    /// one is added are given all of them.
+    pub more_schedulers: Vec<(SocketAddr, Process)>,
 }
 
 /// How to start a peer.
@@ -149,6 +152,7 @@ impl Cluster {
             scheduler_addr: loopback(free_port()),
             scheduler_metrics: loopback(free_port()),
             scheduler: None,
+            more_schedulers: Vec::new(),
             dir,
         };
         cluster.start_scheduler();
@@ -160,13 +164,25 @@ impl Cluster {
     }
 
     pub fn start_scheduler(&mut self) {
+        self.scheduler = Some(self.spawn_scheduler(self.scheduler_addr, self.scheduler_metrics));
+    }
+
+    /// Starts another scheduler; returns where it listens.
+    pub fn add_scheduler(&mut self) -> SocketAddr {
+        let addr = loopback(free_port());
+        let process = self.spawn_scheduler(addr, loopback(free_port()));
+        self.more_schedulers.push((addr, process));
+        addr
+    }
+
+    fn spawn_scheduler(&self, addr: SocketAddr, metrics: SocketAddr) -> Process {
         let n = std::fs::read_dir(self.dir.path()).unwrap().count();
         let args = [
             "scheduler".into(),
             "--listen".into(),
-            self.scheduler_addr.to_string(),
+            addr.to_string(),
             "--metrics-addr".into(),
-            self.scheduler_metrics.to_string(),
+            metrics.to_string(),
             "--token-file".into(),
             self.token_file(),
         ];
@@ -174,19 +190,31 @@ impl Cluster {
             Process::start(&args, self.dir.path().join(format!("scheduler-{n}.log")));
         wait_until(START_TIMEOUT, "the scheduler to listen", || {
             scheduler.assert_running();
-            accepts(self.scheduler_addr) && accepts(self.scheduler_metrics)
+            accepts(addr) && accepts(metrics)
         });
-        self.scheduler = Some(scheduler);
+        scheduler
+    }
+
+    /// Every scheduler's address, the first one's first.
+    pub fn scheduler_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.scheduler_addr)
+            .chain(self.more_schedulers.iter().map(|(addr, _)| *addr))
+            .collect()
     }
 
     /// What the scheduler knows, through `darter scheduler status --json`.
     pub fn status(&self) -> Value {
+        self.status_of(self.scheduler_addr)
+    }
+
+    /// What the scheduler at `addr` knows.
+    pub fn status_of(&self, addr: SocketAddr) -> Value {
         darter_json(&[
             "scheduler".into(),
             "status".into(),
             "--json".into(),
             "--scheduler".into(),
-            self.scheduler_addr.to_string(),
+            addr.to_string(),
             "--token-file".into(),
             self.token_file(),
         ])
@@ -265,8 +293,6 @@ impl Cluster {
             .map_or_else(|| self.registry.url(), |addr| format!("http://{addr}"));
         let mut args: Vec<String> = [
             "peer",
-            "--scheduler",
-            &self.scheduler_addr.to_string(),
             "--upstream",
             &upstream,
             "--mirror-listen",
@@ -284,6 +310,9 @@ impl Cluster {
         ]
         .map(String::from)
         .to_vec();
+        for scheduler in self.scheduler_addrs() {
+            args.extend(["--scheduler".into(), scheduler.to_string()]);
+        }
         if spec.seed {
             args.push("--seed".into());
         }
