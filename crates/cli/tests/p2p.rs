@@ -142,6 +142,56 @@ fn peers_fetching_one_blob_at_once_take_it_from_the_registry_about_once() {
 }
 
 #[test]
+fn a_seed_that_dies_mid_fetch_is_replaced_by_a_peer_going_to_the_origin() {
+    let cluster = Cluster::start();
+    let digest = push_blob(&cluster.registry, REPOSITORY, random_blob(9), None);
+    // The seed reaches the registry through a proxy that stalls its first
+    // blob response after two pieces, for longer than the test.
+    let proxy = FaultProxy::start(cluster.registry.addr());
+    proxy.inject(
+        FaultRule::new(Fault::StallBody {
+            after: 2 * PIECE_SIZE,
+            duration: Duration::from_secs(3600),
+        })
+        .method("GET")
+        .path_contains("/blobs/"),
+    );
+    let seed = cluster.peer_with(
+        "seed",
+        PeerSpec {
+            seed: true,
+            upstream: Some(proxy.addr()),
+            ..PeerSpec::default()
+        },
+    );
+    let a = cluster.peer("a", false);
+    let b = cluster.peer("b", false);
+    cluster.wait_peers(3);
+
+    let fetched: Vec<Fetched> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|peer| scope.spawn(|| peer.fetch(REPOSITORY, &digest)))
+            .collect();
+        wait_until(START_TIMEOUT, "the seed to stall after two pieces", || {
+            proxy.pending_faults() == 0 && seed.counter("bytes_from_origin") == 2 * PIECE_SIZE
+        });
+        drop(seed);
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for one in &fetched {
+        assert_correct(one, &digest);
+    }
+    // What the seed never fetched, a peer fetched from the registry once.
+    let from_origin = a.counter("bytes_from_origin") + b.counter("bytes_from_origin");
+    let size = BLOB_SIZE as u64;
+    assert!(
+        (size - 2 * PIECE_SIZE..=size).contains(&from_origin),
+        "peers fetched {from_origin} bytes from the registry"
+    );
+}
+
+#[test]
 fn a_peer_serving_a_corrupt_piece_is_caught_reported_and_no_longer_chosen() {
     let (cluster, digest, seed, peers) = seeded_cluster(2, &["b", "c"]);
     let (b, c) = (&peers[0], &peers[1]);
