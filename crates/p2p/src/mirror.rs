@@ -133,7 +133,11 @@ impl Mirror {
             );
             return response;
         };
-        let task = match peer.task(&digest, size, origin) {
+        let (status, bytes) = match &range {
+            Some(range) => (StatusCode::PARTIAL_CONTENT, range.clone()),
+            None => (StatusCode::OK, 0..size),
+        };
+        let task = match peer.task(&digest, size, origin, &bytes) {
             Ok(task) if task.layout.size == size => task,
             Ok(_) => return text(502, "the blob's size changed upstream\n"),
             Err(error) => {
@@ -141,13 +145,8 @@ impl Mirror {
                 return pass_through(peer, &request).await;
             }
         };
-        let (status, bytes) = match &range {
-            Some(range) => (StatusCode::PARTIAL_CONTENT, range.clone()),
-            None => (StatusCode::OK, 0..size),
-        };
         let (sender, body) = channel_body();
         let whole = range.is_none();
-        task.want(task.layout.pieces_of(&bytes));
         tokio::spawn(stream_blob(
             peer.clone(),
             task,

@@ -188,7 +188,7 @@ impl PieceServer {
             return text(400, "bad repository name\n");
         }
         let origin = self.peer.origin(&order.repository, &digest, authorization);
-        match self.peer.task(&digest, order.size, origin) {
+        match self.peer.task(&digest, order.size, origin, &(0..0)) {
             Ok(_) => {
                 debug!(task = %digest, "seed order taken");
                 text(202, "fetching\n")

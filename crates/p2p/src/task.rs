@@ -450,21 +450,26 @@ impl Peer {
     }
 
     /// The task for `digest`, starting its fetch unless it is running or
-    /// complete already.
+    /// complete already, with the pieces holding `wanted` (bytes a client
+    /// waits for) fetched first. They are marked before the fetch starts,
+    /// which may otherwise pick its first pieces without them.
     pub fn task(
         self: &Arc<Self>,
         digest: &BlobDigest,
         size: u64,
         origin: Origin,
+        wanted: &Range<u64>,
     ) -> Result<Arc<Task>, TaskError> {
         let mut running = self.running();
         if let Some(task) = self.existing_task_locked(&running, digest) {
+            task.want(task.layout.pieces_of(wanted));
             return Ok(task);
         }
         let pinned = self.store.create(digest, size)?;
         let layout = PieceLayout::new(size);
         let state = TaskState::empty(layout.count());
         let task = Arc::new(Task::new(*digest, layout, state, pinned));
+        task.want(layout.pieces_of(wanted));
         running.insert(*digest, task.clone());
         tokio::spawn(self.clone().drive(task.clone(), origin));
         tokio::spawn(self.clone().report_progress(task.clone()));
