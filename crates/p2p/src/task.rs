@@ -546,8 +546,7 @@ impl Peer {
                 Ok(answer) => self.follow(task, answer, origin, &mut bad_parents).await,
                 Err(status) => {
                     debug!(task = %task.digest, %status, "scheduler unavailable: going to the origin");
-                    Counters::add(&self.counters.origin_fallbacks, 1);
-                    Step::Origin
+                    Step::Fallback
                 }
             };
             let step = match decision {
@@ -555,27 +554,34 @@ impl Peer {
                     last_progress = Instant::now();
                     continue;
                 }
-                Step::Stalled if self.seed || last_progress.elapsed() > PEER_PATIENCE => {
-                    if !self.seed {
-                        Counters::add(&self.counters.origin_fallbacks, 1);
-                    }
-                    Step::Origin
-                }
+                Step::Stalled if self.seed => Step::Origin,
+                Step::Stalled if last_progress.elapsed() > PEER_PATIENCE => Step::Fallback,
                 other => other,
             };
-            match step {
-                Step::Origin => match self.fetch_from_origin(task, origin).await {
-                    Ok(()) => last_progress = Instant::now(),
-                    Err(error) => {
-                        origin_failures += 1;
-                        warn!(task = %task.digest, %error, attempt = origin_failures, "origin fetch failed");
-                        if origin_failures >= ORIGIN_ATTEMPTS {
-                            return Err(error);
-                        }
+            let fetched = match step {
+                Step::Origin => self.fetch_from_origin(task, origin, usize::MAX).await,
+                Step::Fallback => {
+                    Counters::add(&self.counters.origin_fallbacks, 1);
+                    self.fetch_from_origin(task, origin, 1).await
+                }
+                Step::Stalled => {
+                    tokio::time::sleep(WAIT_INTERVAL).await;
+                    Ok(())
+                }
+                Step::Progress => Ok(()),
+            };
+            match fetched {
+                // A fallback batch is not progress: without peers that
+                // serve, the next round falls back again at once.
+                Ok(()) if matches!(step, Step::Origin) => last_progress = Instant::now(),
+                Ok(()) => {}
+                Err(error) => {
+                    origin_failures += 1;
+                    warn!(task = %task.digest, %error, attempt = origin_failures, "origin fetch failed");
+                    if origin_failures >= ORIGIN_ATTEMPTS {
+                        return Err(error);
                     }
-                },
-                Step::Stalled => tokio::time::sleep(WAIT_INTERVAL).await,
-                Step::Progress => {}
+                }
             }
         }
     }
@@ -864,11 +870,17 @@ impl Peer {
         Ok(true)
     }
 
-    /// Fetches every missing piece from the origin, a batch of
-    /// consecutive pieces per range request, pieces clients wait for
-    /// first, recording each piece's digest.
-    async fn fetch_from_origin(&self, task: &Task, origin: &Origin) -> Result<(), TaskError> {
-        loop {
+    /// Fetches missing pieces from the origin, a batch of consecutive
+    /// pieces per range request, at most `batches` of them (or until none
+    /// is missing), pieces clients wait for first, recording each piece's
+    /// digest.
+    async fn fetch_from_origin(
+        &self,
+        task: &Task,
+        origin: &Origin,
+        batches: usize,
+    ) -> Result<(), TaskError> {
+        for _ in 0..batches {
             let have = task.state.borrow().have.clone();
             let wanted = task
                 .wanted
@@ -880,6 +892,7 @@ impl Peer {
             };
             self.fetch_run_from_origin(task, origin, pieces).await?;
         }
+        Ok(())
     }
 
     async fn fetch_run_from_origin(
@@ -1126,7 +1139,14 @@ enum Hashed {
 enum Step {
     Progress,
     Stalled,
+    /// The scheduler made this peer the blob's origin fetcher (or it is a
+    /// seed): every missing piece comes from the origin.
     Origin,
+    /// The scheduler is unreachable, or no parent served for
+    /// [`PEER_PATIENCE`]: one batch from the origin, then the scheduler is
+    /// asked again, so one slow answer does not commit a peer to fetching
+    /// the rest of the blob from the registry.
+    Fallback,
 }
 
 /// Runs of consecutive missing pieces.
