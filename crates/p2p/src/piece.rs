@@ -30,11 +30,6 @@ impl BlobDigest {
     pub fn hex(&self) -> String {
         hex::encode(self.0)
     }
-
-    /// From a finished hasher.
-    pub fn from_hasher(hasher: Sha256) -> BlobDigest {
-        BlobDigest(hasher.finalize().into())
-    }
 }
 
 impl FromStr for BlobDigest {

@@ -123,17 +123,11 @@ pub fn scheduler_for(task: &BlobDigest, addrs: &[String]) -> Option<usize> {
     (0..addrs.len()).max_by_key(|&i| weight(&addrs[i]))
 }
 
-/// One scheduler a peer talks to.
-#[derive(Debug)]
-struct Scheduler {
-    addr: String,
-    client: Client,
-}
-
 /// The control channel to the schedulers.
 #[derive(Debug, Clone)]
 pub struct SchedulerLink {
-    schedulers: Arc<[Scheduler]>,
+    /// A client per scheduler, in the order of `addrs`.
+    clients: Arc<[Client]>,
     addrs: Arc<[String]>,
     identity: Arc<Identity>,
 }
@@ -149,17 +143,12 @@ impl SchedulerLink {
         if addrs.is_empty() {
             return Err(P2pError::NoScheduler);
         }
-        let schedulers = addrs
+        let clients = addrs
             .iter()
-            .map(|addr| {
-                Ok(Scheduler {
-                    addr: addr.clone(),
-                    client: client(addr, token)?,
-                })
-            })
+            .map(|addr| client(addr, token))
             .collect::<Result<Vec<_>, P2pError>>()?;
         Ok(SchedulerLink {
-            schedulers: schedulers.into(),
+            clients: clients.into(),
             addrs: addrs.into(),
             identity: Arc::new(identity),
         })
@@ -168,19 +157,19 @@ impl SchedulerLink {
     /// The client of `task`'s scheduler.
     fn client_for(&self, task: &BlobDigest) -> Client {
         let index = scheduler_for(task, &self.addrs).unwrap_or(0);
-        self.schedulers[index].client.clone()
+        self.clients[index].clone()
     }
 
     /// Keeps the peer registered with every scheduler, forever.
     pub async fn keep_alive(self, store: Arc<PieceStore>, active_uploads: Arc<AtomicU32>) {
-        let loops = (0..self.schedulers.len())
+        let loops = (0..self.clients.len())
             .map(|index| self.keep_alive_with(index, &store, &active_uploads));
         futures_util::future::join_all(loops).await;
     }
 
     /// Keeps the peer registered with scheduler `index`, forever.
     async fn keep_alive_with(&self, index: usize, store: &PieceStore, active_uploads: &AtomicU32) {
-        let scheduler = &self.schedulers[index];
+        let (client, addr) = (&self.clients[index], &self.addrs[index]);
         loop {
             let request = RegisterRequest {
                 peer_id: self.identity.peer_id.clone(),
@@ -190,17 +179,17 @@ impl SchedulerLink {
                 seed: self.identity.seed,
                 active_uploads: active_uploads.load(Ordering::Relaxed),
             };
-            let interval = match scheduler.client.clone().register(request).await {
+            let interval = match client.clone().register(request).await {
                 Ok(answer) => {
                     let answer = answer.into_inner();
                     if answer.first_contact {
-                        info!(scheduler = %scheduler.addr, "registered with the scheduler");
+                        info!(scheduler = %addr, "registered with the scheduler");
                         self.report_all(index, store).await;
                     }
                     Duration::from_millis(answer.keepalive_interval_ms.clamp(100, 60_000))
                 }
                 Err(status) => {
-                    debug!(scheduler = %scheduler.addr, %status, "scheduler unreachable");
+                    debug!(scheduler = %addr, %status, "scheduler unreachable");
                     RETRY_INTERVAL
                 }
             };
